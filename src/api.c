@@ -47,11 +47,22 @@ void kla_default_params(KlaParams *p)
 
 /* ---- the dispatch table -------------------------------------------------------------- */
 
-/* In order of preference for "auto" (ref64 is never chosen automatically). */
+/* In order of preference for "auto", which picks the first usable CPU backend: ref64 and
+ * GPU backends run only when asked for by name (a GPU pays only for large calls). */
 static const kla_backend *const backends[] = {
+#ifdef KLA_HAVE_SIMD
+    &kla_backend_simd,
+#endif
     &kla_backend_ref,
     &kla_backend_ref64,
+#ifdef KLA_HAVE_VULKAN
+    &kla_backend_vulkan,
+#endif
 };
+static int auto_candidate(const kla_backend *be)
+{
+    return be != &kla_backend_ref64 && strcmp(be->name, "vulkan") != 0;
+}
 #define NBACKENDS (sizeof backends / sizeof backends[0])
 
 const char *const *kla_backend_list(void)
@@ -101,7 +112,7 @@ int kla_open(KlaContext **out, const KlaParams *params)
     const kla_backend *be = NULL;
     if (!p.backend || !strcmp(p.backend, "auto")) {
         for (size_t i = 0; i < NBACKENDS && !be; i++)
-            if (backends[i] != &kla_backend_ref64 && backends[i]->usable()) be = backends[i];
+            if (auto_candidate(backends[i]) && backends[i]->usable()) be = backends[i];
     } else {
         be = find_backend(p.backend);
         if (!be) return KLA_ENOSYS;

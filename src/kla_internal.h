@@ -36,6 +36,12 @@ typedef struct kla_backend {
 
 extern const kla_backend kla_backend_ref;
 extern const kla_backend kla_backend_ref64;
+#ifdef KLA_HAVE_SIMD
+extern const kla_backend kla_backend_simd;
+#endif
+#ifdef KLA_HAVE_VULKAN
+extern const kla_backend kla_backend_vulkan;
+#endif
 
 struct KlaContext {
     const kla_backend *be;
