@@ -463,7 +463,7 @@ static int recurrent_backward(const kla_problem *p, const prepared *P, int64_t n
         for (int64_t m = L - 1; m >= 0; m--) {
             const int64_t t = t_begin + i0 + m, tv = t * HV + hv;
             const real *q = qk_row(p, P->qhat, t, h), *k = qk_row(p, P->khat, t, h);
-            const real *vt = v + tv * V, *dot_ = dout + tv * V;
+            const real *vt = v + tv * V, *dOt = dout + tv * V;
             const real *Sprev = Ss + m * KV, *St = Ss + (m + 1) * KV;
             const real alpha = r_exp(decay_log(g, p, t, hv)), beta = P->beta[tv];
             real *dq = D->dqhat + (t * p->H + h) * K, *dk = D->dkhat + (t * p->H + h) * K;
@@ -479,8 +479,8 @@ static int recurrent_backward(const kla_problem *p, const prepared *P, int64_t n
             for (int64_t i = 0; i < K; i++) {
                 real acc = 0;
                 for (int64_t j = 0; j < V; j++) {
-                    dS[i * V + j] += scale * q[i] * dot_[j];
-                    acc += St[i * V + j] * dot_[j];
+                    dS[i * V + j] += scale * q[i] * dOt[j];
+                    acc += St[i * V + j] * dOt[j];
                 }
                 dq[i] += scale * acc;
             }

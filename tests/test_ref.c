@@ -174,7 +174,7 @@ static KlaContext *open_backend(const char *name)
     return ctx;
 }
 
-/* forward (backward when bwd) of data d; f32io passes float32 buffers through the API */
+/* forward (backward when bwd) of data d, float64 buffers (the glue converts for ref) */
 static int run(KlaContext *ctx, const data *d, int algo, int chunk, int bwd, result *res)
 {
     KlaOptions o = d->o;
