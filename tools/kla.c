@@ -3,6 +3,7 @@
  *   kla forward|backward|decode [options] IN -o OUT   run the operator on a safetensors file
  *   kla verify GOT --against REF                     compare outputs (kla-spec.md section 5)
  *   kla info                                         version, backends, CPU features
+ *   kla golden generate|check                        golden vectors (golden.c)
  */
 #include <errno.h>
 #include <math.h>
@@ -14,6 +15,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "golden.h"
 #include "kla.h"
 #include "safetensors.h"
 #include "verify.h"
@@ -57,7 +59,9 @@ static const char *const usage_text[] = {
     "when it has none of them) with GOT: rel_rmse = rms(ref - got) / rms(ref) <= tol,\n"
     "no NaN/Inf where REF is finite. Exit 0 if all pass, 1 otherwise.\n"
     "  --against REF    reference file\n"
-    "  --tol X          tolerance for every tensor (default 1e-5 for o, ht; 1e-4 for gradients)\n"
+    "  --tol X          tolerance for every tensor; default: REF's own set (tol_float32 in\n"
+    "                   its metadata, as golden cases have), else 1e-5 for o, ht and 1e-4\n"
+    "                   for gradients. --tol bf16 (or float32) picks REF's tol_bf16 set\n"
     "  --tensors LIST   compare only these tensors\n",
     /* info */
     ("usage: kla info\n"
@@ -74,6 +78,7 @@ static void usage_main(FILE *f)
             "  decode     token-by-token decoding (equals forward)\n"
             "  verify     compare two safetensors files\n"
             "  info       version, backends, CPU features\n"
+            "  golden     generate or check the golden vectors (kla golden --help)\n"
             "  help [COMMAND], --help, --version\n"
             "'kla COMMAND --help' describes a command.\n");
 }
@@ -112,6 +117,7 @@ typedef struct Cli {
     const char *in, *out;
     const char *against, *tensors;
     double tol;
+    const char *tol_set;
 } Cli;
 
 static int parse_int(const char *s, int lo, int hi, int *v)
@@ -197,6 +203,9 @@ static int parse_args(Cli *c, int argc, char **argv)
             c->out = val;
         } else if (strcmp(name, "--against") == 0) {
             c->against = val;
+        } else if (strcmp(name, "--tol") == 0 &&
+                   (strcmp(val, "bf16") == 0 || strcmp(val, "float32") == 0)) {
+            c->tol_set = val;
         } else if (strcmp(name, "--tol") == 0) {
             char *end;
             double x = strtod(val, &end);
@@ -824,7 +833,7 @@ static int cmd_verify(const Cli *c)
         st_free(&got);
         return 1;
     }
-    VerifyOptions vo = { c->tol, c->tensors };
+    VerifyOptions vo = { c->tol, c->tensors, c->tol_set };
     int failed = verify_files(stdout, &got, &ref, &vo);
     st_free(&got);
     st_free(&ref);
@@ -872,7 +881,12 @@ int main(int argc, char **argv)
         printf("kla %s\n", kla_version());
         return 0;
     }
+    if (strcmp(a, "golden") == 0) return golden_main(argc - 1, argv + 1);
     if (strcmp(a, "help") == 0) {
+        if (argc >= 3 && strcmp(argv[2], "golden") == 0) {
+            char *h[] = { argv[2], (char *)"--help", NULL };
+            return golden_main(2, h);
+        }
         if (argc < 3) {
             usage_main(stdout);
             return 0;

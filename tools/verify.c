@@ -3,6 +3,7 @@
 
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 static const char *const output_names[] = { "o", "ht", "dq", "dk", "dv", "dg", "deta",
@@ -19,6 +20,24 @@ double verify_default_tol(const char *name)
 {
     if (verify_is_output_name(name) && name[0] == 'd') return 1e-4;
     return 1e-5;
+}
+
+double verify_meta_tol(const st_file *ref, const char *key, const char *name)
+{
+    const char *s = ref ? st_meta(ref, key) : NULL;
+    size_t nl = strlen(name);
+    while (s && *s) {
+        size_t len = strcspn(s, ",");
+        if (len > nl && strncmp(s, name, nl) == 0 && s[nl] == '=') {
+            char *end;
+            double t = strtod(s + nl + 1, &end);
+            if (end == s + len && isfinite(t) && t >= 0) return t;
+            return -1;
+        }
+        s += len;
+        if (*s == ',') s++;
+    }
+    return -1;
 }
 
 static int name_in(const char *name, const char *const *list)
@@ -115,6 +134,91 @@ static void shape_str(char *buf, size_t n, const st_tensor *t)
     if (len + 1 < n) snprintf(buf + len, n - len, "]");
 }
 
+/* Head dimension (and token dimension, or -1) of a tensor by its name; 0 if none. */
+static int head_token_dims(const char *name, int nd, int *hdim, int *tdim)
+{
+    static const char *const qk[] = { "q", "k", "dq", "dk", NULL };
+    static const char *const vo[] = { "v", "o", "dv", "do", NULL };
+    static const char *const gb[] = { "g", "eta", "beta", "dg", "deta", "dbeta", NULL };
+    static const char *const st[] = { "h0", "ht", "dh0", "dht", NULL };
+    if ((nd == 4 && (name_in(name, qk) || name_in(name, vo))) || (nd == 3 && name_in(name, gb))) {
+        *hdim = 2;
+        *tdim = 1;
+        return 1;
+    }
+    if (nd == 4 && name_in(name, st)) {
+        *hdim = 1;
+        *tdim = -1;
+        return 1;
+    }
+    return 0;
+}
+
+/* For a failing tensor: rel_rmse per head, and the first token whose error alone
+ * exceeds tol (rms over the token's elements of ref - got, over rms(ref)). All
+ * values are finite here; sums run in index order (python/kla/verify.py mirrors it). */
+static void breakdown(FILE *out, const char *name, const st_tensor *ref, const st_tensor *got,
+                      double tol, double rms_ref)
+{
+    int hdim, tdim;
+    if (!head_token_dims(name, ref->ndim, &hdim, &tdim)) return;
+    int64_t nh = ref->shape[hdim], inner = 1;
+    for (int d = hdim + 1; d < ref->ndim; d++) inner *= ref->shape[d];
+    if (nh < 1 || inner < 1) return;
+    double *sd = calloc((size_t)nh, sizeof *sd), *sr = calloc((size_t)nh, sizeof *sr);
+    if (!sd || !sr) {
+        free(sd);
+        free(sr);
+        return;
+    }
+    for (int64_t i = 0; i < ref->numel; i++) {
+        int64_t h = (i / inner) % nh;
+        double r = get(ref, i), d = get(got, i) - r;
+        sd[h] += d * d;
+        sr[h] += r * r;
+    }
+    double per = (double)(ref->numel / nh);
+    int64_t over = 0, shown = 0;
+    const char *hn = hdim == 2 && (name[0] == 'q' || name[0] == 'k' || strcmp(name, "dq") == 0 ||
+                                   strcmp(name, "dk") == 0) ? "h" : "hv";
+    for (int64_t h = 0; h < nh; h++) {
+        double e = sr[h] > 0 ? sqrt(sd[h] / per) / sqrt(sr[h] / per) : sqrt(sd[h] / per);
+        if (!(e <= tol)) over++;
+        if (nh > 16 && e <= tol) continue;
+        if (shown < 16)
+            fprintf(out, "%s%s=%lld %.1e", shown ? ", " : "       by head: ", hn, (long long)h, e);
+        shown++;
+    }
+    if (shown > 16) fprintf(out, ", ...");
+    if (shown) fprintf(out, "  (%lld of %lld heads over tol)\n", (long long)over, (long long)nh);
+    free(sd);
+    free(sr);
+    if (tdim < 0) return;
+    int64_t block = 1, nt = ref->shape[1];
+    for (int d = 2; d < ref->ndim; d++) block *= ref->shape[d];
+    int64_t nblocks = block > 0 ? ref->numel / block : 0, first = -1, tover = 0;
+    double first_e = 0;
+    for (int64_t bk = 0; bk < nblocks; bk++) {
+        double s = 0;
+        for (int64_t j = bk * block; j < (bk + 1) * block; j++) {
+            double d = get(got, j) - get(ref, j);
+            s += d * d;
+        }
+        double e = sqrt(s / (double)block) / rms_ref;
+        if (e > tol) {
+            if (first < 0) {
+                first = bk;
+                first_e = e;
+            }
+            tover++;
+        }
+    }
+    if (first >= 0)
+        fprintf(out, "       first token over tol: %s[b=%lld, t=%lld], error %.1e  (%lld of %lld "
+                "tokens over tol)\n", name, (long long)(first / nt), (long long)(first % nt),
+                first_e, (long long)tover, (long long)nblocks);
+}
+
 int verify_tensor(FILE *out, const char *name, const st_tensor *ref, const st_tensor *got,
                   double tol, int vk)
 {
@@ -182,8 +286,16 @@ int verify_tensor(FILE *out, const char *name, const st_tensor *ref, const st_te
     } else if (!pass) {
         fprintf(out, "       at %s: ref %.10g  got %.10g\n", a, get(ref, max_at),
                 get(got, max_at));
+        if (rel) breakdown(out, name, ref, got, tol, rms_ref);
     }
     return pass;
+}
+
+static double pick_tol(const st_file *ref, const char *key, double tol, const char *name)
+{
+    if (tol >= 0) return tol;
+    double t = verify_meta_tol(ref, key, name);
+    return t >= 0 ? t : verify_default_tol(name);
 }
 
 static int state_vk(const st_file *f)
@@ -197,6 +309,8 @@ int verify_files(FILE *out, const st_file *got, const st_file *ref, const Verify
     int vk = state_vk(ref) || state_vk(got);
     int passed = 0, failed = 0;
     double tol = opt ? opt->tol : -1;
+    const char *key = opt && opt->tol_set && strcmp(opt->tol_set, "bf16") == 0 ? "tol_bf16"
+                                                                               : "tol_float32";
 
     if (opt && opt->tensors) {
         const char *s = opt->tensors;
@@ -207,7 +321,7 @@ int verify_files(FILE *out, const st_file *got, const st_file *ref, const Verify
                 memcpy(name, s, len);
                 name[len] = '\0';
                 int ok = verify_tensor(out, name, st_find(ref, name), st_find(got, name),
-                                       tol >= 0 ? tol : verify_default_tol(name), vk);
+                                       pick_tol(ref, key, tol, name), vk);
                 if (ok) passed++; else failed++;
             } else if (len > 0) {
                 fprintf(out, "%.*s FAIL  name too long\n", (int)len, s);
@@ -226,14 +340,14 @@ int verify_files(FILE *out, const st_file *got, const st_file *ref, const Verify
                 const st_tensor *r = st_find(ref, name);
                 if (!r) continue;
                 int ok = verify_tensor(out, name, r, st_find(got, name),
-                                       tol >= 0 ? tol : verify_default_tol(name), vk);
+                                       pick_tol(ref, key, tol, name), vk);
                 if (ok) passed++; else failed++;
             }
         } else {
             for (int i = 0; i < ref->count; i++) {
                 const char *name = ref->tensors[i].name;
                 int ok = verify_tensor(out, name, &ref->tensors[i], st_find(got, name),
-                                       tol >= 0 ? tol : verify_default_tol(name), vk);
+                                       pick_tol(ref, key, tol, name), vk);
                 if (ok) passed++; else failed++;
             }
         }

@@ -1,0 +1,171 @@
+"""The golden cases (golden/MANIFEST.json, docs/golden.md): list and load them.
+
+The folder is $KLA_GOLDEN if set, else the repository's golden/ next to this package
+(python/kla -> ../../golden), else ./golden.
+"""
+
+import json
+import os
+
+import numpy as np
+
+from .safetensors import load
+
+__all__ = ["golden_dir", "golden_cases", "load_case", "Case", "INPUT_NAMES", "generate_inputs",
+           "splitmix64"]
+
+INPUT_NAMES = ("q", "k", "v", "g", "eta", "beta", "h0", "cu_seqlens", "do", "dht")
+
+
+def golden_dir(dir=None):
+    """The golden folder: dir, $KLA_GOLDEN, the repository's golden/, or ./golden."""
+    if dir:
+        return os.fspath(dir)
+    env = os.environ.get("KLA_GOLDEN")
+    if env:
+        return env
+    here = os.path.dirname(os.path.abspath(__file__))
+    repo = os.path.normpath(os.path.join(here, "..", "..", "golden"))
+    if os.path.isfile(os.path.join(repo, "MANIFEST.json")):
+        return repo
+    return "golden"
+
+
+def _manifest(dir=None):
+    path = os.path.join(golden_dir(dir), "MANIFEST.json")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def golden_cases(dir=None, details=False):
+    """Names of the golden cases in MANIFEST.json order (details=True: the entries)."""
+    cases = _manifest(dir)["cases"]
+    return cases if details else [c["name"] for c in cases]
+
+
+def _flag(s):
+    return str(s).lower() == "true"
+
+
+class Case:
+    """One golden case.
+    name, path, tensors (every tensor of the file), metadata (its __metadata__),
+    inputs (q k v g eta|beta h0 cu_seqlens do dht, as stored: F32, cu int),
+    expected (o ht dq dk dv dg deta|dbeta dh0, float64),
+    options (mode, scale, eps, l2norm_q, l2norm_k, state_layout as Python values),
+    tolerances ({'float32': {...}, 'bf16': {...}}), manifest (its MANIFEST entry or {}).
+    kla.backward(**case.inputs, **case.options) runs our reference on it."""
+
+    def __init__(self, path, manifest_entry=None):
+        self.path = path
+        self.tensors, self.metadata = load(path)
+        self.name = self.metadata.get("case") or os.path.basename(path)[:-len(".safetensors")]
+        self.manifest = manifest_entry or {}
+        self.inputs = {n: self.tensors[n] for n in INPUT_NAMES if n in self.tensors}
+        from .verify import OUTPUT_NAMES, meta_tol
+        self.expected = {n: self.tensors[n] for n in OUTPUT_NAMES if n in self.tensors}
+        m = self.metadata
+        self.options = {
+            "mode": m.get("mode", "kla" if "eta" in self.tensors else "gdn"),
+            "scale": float(m["scale"]) if "scale" in m else None,
+            "eps": float(m.get("eps", "1e-6")),
+            "l2norm_q": _flag(m.get("l2norm_q", "false")),
+            "l2norm_k": _flag(m.get("l2norm_k", "false")),
+            "state_layout": m.get("state_layout", "kv"),
+        }
+        self.tolerances = {}
+        for s in ("float32", "bf16"):
+            t = {n: meta_tol(m, "tol_" + s, n) for n in self.expected}
+            self.tolerances[s] = {n: v for n, v in t.items() if v is not None}
+
+    def __repr__(self):
+        return f"<kla.Case {self.name}>"
+
+
+def load_case(name, dir=None):
+    """Load a golden case by name (or by path to its .safetensors file)."""
+    name = os.fspath(name)
+    if name.endswith(".safetensors") and os.path.exists(name):
+        return Case(name)
+    d = golden_dir(dir)
+    entry = None
+    try:
+        for c in _manifest(d)["cases"]:
+            if c["name"] == name:
+                entry = c
+                break
+    except FileNotFoundError:
+        pass
+    file = entry["file"] if entry else name + ".safetensors"
+    path = os.path.join(d, file)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"golden case {name!r} not found in {d}")
+    return Case(path, entry)
+
+
+# ---------------------------------------------------------------- regenerating inputs
+
+_GAMMA = 0x9E3779B97F4A7C15
+_STREAM = {"q": 1, "k": 2, "v": 3, "g": 4, "eta": 5, "beta": 5, "h0": 6, "do": 7, "dht": 8}
+_ROW_SCALE = (1.0, 2.0 ** -12, 2.0 ** 5, 0.0, 2.0 ** -8, 1.0, 2.0 ** 3, 2.0 ** -4)
+
+
+def splitmix64(state, n):
+    """The first n outputs of splitmix64 started at `state` (numpy uint64 array)."""
+    m = (1 << 64) - 1
+    with np.errstate(over="ignore"):
+        z = (np.uint64(state & m) + np.uint64(_GAMMA)
+             * np.arange(1, n + 1, dtype=np.uint64))
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def generate_inputs(entry):
+    """The inputs of a golden case, regenerated from its MANIFEST.json entry alone
+    (docs/golden.md, section 'The generator'): bit-identical to the stored ones."""
+    gen, dims = entry["inputs_from"], entry["dims"]
+    K = dims["K"]
+    out = {}
+    if gen["values"] == "fixed":  # kla-spec.md section 6
+        f = lambda x, s: np.array(x, np.float32).reshape(s)
+        return {"q": f([1, 1, 1, 0], (1, 2, 1, 2)), "k": f([2, 0, 1, 1], (1, 2, 1, 2)),
+                "v": f([3, 1], (1, 2, 1, 1)), "g": f([0, np.log(0.5)], (1, 2, 1)),
+                "eta": f([1, 0.5], (1, 2, 1)), "do": f([1, 1], (1, 2, 1, 1))}
+    for name, info in entry["inputs"].items():
+        shape = tuple(info["shape"])
+        if name == "cu_seqlens":
+            cu = np.concatenate([[0], np.cumsum(gen["seqlens"])])
+            out[name] = cu.astype(np.int64 if gen["cu_dtype"] == "I64" else np.int32)
+            continue
+        n = int(np.prod(shape))
+        u = (splitmix64(16 * entry["seed"] + _STREAM[name], n) >> np.uint64(40)).astype(
+            np.float64) * 2.0 ** -24
+        i = np.arange(n)
+        if gen["values"] == "grid":
+            if name == "g":
+                x = -np.floor(u * 4) / 4
+            elif name in ("eta", "beta"):
+                x = (1 + np.floor(u * 4)) / 4
+            else:
+                x = (np.floor(u * 9) - 4) / 4
+        elif name == "g":
+            x = {"zero": np.zeros(n), "m20": np.where(i % 3 == 1, -20.0, -0.5 * u),
+                 "uniform": -0.5 * u}[gen["g"]]
+        elif name == "eta":
+            x = {"one": np.ones(n), "small": 2.0 ** -10 * (1 + u),
+                 "uniform": 0.25 + 1.25 * u}[gen["eta"]]
+        elif name == "beta":
+            x = 0.125 + 0.75 * u
+        elif name == "h0":
+            x = u - 0.5
+        else:
+            x = 2 * u - 1
+            if name == "k" and gen["keys"] == "norms":
+                x = x * np.array(_ROW_SCALE)[(i // K) % 8]
+            elif name == "k" and gen["keys"] == "unit":
+                r = x.reshape(-1, K)
+                s2 = np.cumsum(r * r, axis=1)[:, -1:]  # summed in order, as in C
+                x = (r / np.sqrt(s2)).ravel()
+        out[name] = x.astype(np.float32).reshape(shape)
+    return out

@@ -1,0 +1,1086 @@
+/*
+ * golden.c: the golden vectors (docs/golden.md).
+ *   kla golden generate DIR    writes every case of the table below and DIR/MANIFEST.json
+ *   kla golden check [--backend B] [--cases GLOB] [--dir DIR]
+ *                              runs a backend on every case and compares
+ *
+ * Inputs come from splitmix64 streams through exact transforms (section 1), so they can
+ * be regenerated bit for bit in any language; expected outputs and gradients are those
+ * of the float64 reference (backend ref64, recurrent algorithm).
+ */
+#include "golden.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fnmatch.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "kla.h"
+#include "safetensors.h"
+#include "sha256.h"
+#include "verify.h"
+
+/* ---- 1. inputs: splitmix64 and the transforms ---------------------------------------- */
+
+/* splitmix64 (Steele, Lea, Flood 2014), as in Java's SplittableRandom. */
+static uint64_t sm64(uint64_t *s)
+{
+    uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+/* u in [0, 1): the top 24 bits of one draw, times 2^-24 (exact in float32). */
+static double unif(uint64_t *s) { return (double)(sm64(s) >> 40) * 0x1p-24; }
+
+/* Tensor ids: the stream of tensor X in a case with seed S starts at state 16*S + id. */
+enum { I_Q, I_K, I_V, I_G, I_E, I_H0, I_CU, I_DO, I_DHT, NIN };
+enum { O_O, O_HT, O_DQ, O_DK, O_DV, O_DG, O_DE, O_DH0, NOUT };
+static const int stream_id[NIN] = { 1, 2, 3, 4, 5, 6, 0, 7, 8 };
+
+enum { G_RAND, G_ABSENT, G_ZERO, G_STRONG }; /* g: -u/2; absent; 0; -20 at every 3rd */
+enum { E_RAND, E_ONE, E_SMALL };             /* eta: 1/4 + 5u/4; 1; 2^-10 (1 + u) */
+enum { KEY_RAND, KEY_NORMS };                /* k rows: as drawn; scaled by row_scale */
+
+/* KEY_NORMS: row r = (b*T + t)*H + h of k is multiplied by row_scale[r % 8]. */
+static const double row_scale[8] = { 1, 0x1p-12, 0x1p5, 0, 0x1p-8, 1, 0x1p3, 0x1p-4 };
+
+typedef struct GCase {
+    const char *tag;  /* name suffix, or NULL */
+    const char *what; /* what the case exercises */
+    int gdn, B, T, H, HV, K, V;
+    int nseq, seqlens[6], cu64; /* cu_seqlens from these lengths (B = 1), I64 if cu64 */
+    int h0, dht, l2q, l2k, vk;
+    double scale;         /* 0: K^-1/2 */
+    double eps;           /* used when eps_set, else 1e-6 */
+    int eps_set;
+    int g, eta, key;
+    int readable;         /* values on a grid of 1/4 */
+    int spec6;            /* the hand example of kla-spec.md section 6 */
+    uint64_t seed;
+} GCase;
+
+/* The set. Names come from the parameters (case_name); seeds are fixed per case. */
+static const GCase cases[] = {
+    { .tag = "spec6", .what = "the worked example of kla-spec.md section 6 (scale 1, eps 0); "
+      "g[1] is ln 0.5 rounded to float32, so o[1] is 0.8125 to 1e-8",
+      .B = 1, .T = 2, .H = 1, .HV = 1, .K = 2, .V = 1, .scale = 1, .eps = 0, .eps_set = 1,
+      .spec6 = 1 },
+    { .tag = "readable", .what = "tiny case with values on a 1/4 grid: h0, dht",
+      .B = 1, .T = 3, .H = 1, .HV = 1, .K = 3, .V = 2, .h0 = 1, .dht = 1, .readable = 1,
+      .seed = 2 },
+    { .tag = "readable", .what = "tiny gdn case on a 1/4 grid, grouped value heads (HV = 2H)",
+      .gdn = 1, .B = 1, .T = 3, .H = 1, .HV = 2, .K = 2, .V = 3, .readable = 1, .seed = 3 },
+    { .tag = "readable", .what = "T = 1 with two batch rows and h0 (one decode step each)",
+      .B = 2, .T = 1, .H = 1, .HV = 1, .K = 2, .V = 2, .h0 = 1, .dht = 1, .readable = 1,
+      .seed = 4 },
+    { .what = "main kla case: grouped value heads, h0 and dht, T not a multiple of 64",
+      .B = 2, .T = 100, .H = 2, .HV = 4, .K = 32, .V = 16, .h0 = 1, .dht = 1, .seed = 5 },
+    { .what = "gdn as used in Gated DeltaNet layers: l2norm on q and k, grouped heads, h0",
+      .gdn = 1, .B = 2, .T = 100, .H = 2, .HV = 4, .K = 32, .V = 16, .h0 = 1, .dht = 1,
+      .l2q = 1, .l2k = 1, .seed = 6 },
+    { .tag = "deltanet", .what = "DeltaNet: gdn without g (g = 0), unit keys, no h0, dht",
+      .gdn = 1, .B = 2, .T = 70, .H = 2, .HV = 2, .K = 16, .V = 16, .dht = 1, .g = G_ABSENT,
+      .seed = 7 },
+    { .what = "cu_seqlens (int32) with sequences of 1, 130 (> one chunk), 5 and 64 tokens, h0",
+      .B = 1, .T = 200, .H = 2, .HV = 4, .K = 16, .V = 16, .nseq = 4,
+      .seqlens = { 1, 130, 5, 64 }, .h0 = 1, .dht = 1, .seed = 8 },
+    { .what = "gdn, cu_seqlens (int64) 70, 1, 79, h0 in state layout vk, unit keys",
+      .gdn = 1, .B = 1, .T = 150, .H = 1, .HV = 2, .K = 16, .V = 8, .nseq = 3,
+      .seqlens = { 70, 1, 79 }, .cu64 = 1, .h0 = 1, .dht = 1, .vk = 1, .seed = 9 },
+    { .what = "state layout vk (h0, ht, dht, dh0 as [N, HV, V, K]), K != V",
+      .B = 2, .T = 65, .H = 1, .HV = 2, .K = 8, .V = 16, .h0 = 1, .dht = 1, .vk = 1,
+      .seed = 10 },
+    { .what = "l2norm on q only (the KLA layer), T a multiple of 64",
+      .B = 1, .T = 128, .H = 2, .HV = 2, .K = 32, .V = 32, .l2q = 1, .seed = 11 },
+    { .what = "l2norm on q and k in mode kla, T = 129",
+      .B = 1, .T = 129, .H = 1, .HV = 2, .K = 16, .V = 16, .l2q = 1, .l2k = 1, .dht = 1,
+      .seed = 12 },
+    { .what = "K = 96, V = 192 (not powers of two), h0",
+      .B = 1, .T = 40, .H = 1, .HV = 1, .K = 96, .V = 192, .h0 = 1, .dht = 1, .seed = 13 },
+    { .what = "K = V = 128, grouped heads, h0",
+      .B = 1, .T = 70, .H = 1, .HV = 2, .K = 128, .V = 128, .h0 = 1, .dht = 1, .seed = 14 },
+    { .tag = "knorms", .what = "key norms from 0 (all-zero rows) and 2^-12 (|k|^2 < eps) to 2^5",
+      .B = 1, .T = 96, .H = 2, .HV = 2, .K = 16, .V = 16, .key = KEY_NORMS, .dht = 1,
+      .seed = 15 },
+    { .tag = "g0", .what = "no decay: g present and 0",
+      .B = 1, .T = 50, .H = 1, .HV = 2, .K = 16, .V = 16, .h0 = 1, .g = G_ZERO, .seed = 16 },
+    { .tag = "gm20", .what = "decay near 0: g = -20 on every third (token, head)",
+      .B = 1, .T = 50, .H = 1, .HV = 2, .K = 16, .V = 16, .h0 = 1, .dht = 1, .g = G_STRONG,
+      .seed = 17 },
+    { .tag = "eta1", .what = "eta = 1: exact Kaczmarz projections",
+      .B = 1, .T = 50, .H = 1, .HV = 2, .K = 16, .V = 16, .h0 = 1, .dht = 1, .eta = E_ONE,
+      .seed = 18 },
+    { .tag = "eta0", .what = "eta near 0 (2^-10 to 2^-9)",
+      .B = 1, .T = 50, .H = 1, .HV = 2, .K = 16, .V = 16, .h0 = 1, .dht = 1, .eta = E_SMALL,
+      .seed = 19 },
+    { .tag = "opts", .what = "explicit scale 0.5 and eps 1e-3",
+      .B = 1, .T = 33, .H = 1, .HV = 1, .K = 8, .V = 8, .scale = 0.5, .eps = 1e-3, .eps_set = 1,
+      .seed = 20 },
+    { .tag = "long", .what = "one long sequence (16384 tokens), small K and V",
+      .B = 1, .T = 16384, .H = 1, .HV = 1, .K = 8, .V = 8, .dht = 1, .seed = 21 },
+};
+#define NCASES ((int)(sizeof cases / sizeof cases[0]))
+
+static void case_name(const GCase *c, char *buf, size_t n)
+{
+    snprintf(buf, n, "%s_B%d_T%d_H%d_HV%d_K%d_V%d%s%s%s%s%s%s", c->gdn ? "gdn" : "kla",
+             c->B, c->T, c->H, c->HV, c->K, c->V, c->nseq ? "_varlen" : "", c->h0 ? "_h0" : "",
+             c->vk ? "_vk" : "", c->l2q && c->l2k ? "_l2qk" : c->l2q ? "_l2q" : c->l2k ? "_l2k" : "",
+             c->tag ? "_" : "", c->tag ? c->tag : "");
+}
+
+/* ---- 2. a problem in memory: shapes, inputs, outputs ----------------------------------- */
+
+typedef struct Prob {
+    KlaShape s;
+    KlaOptions opt;
+    KlaIn in[NIN];      /* data NULL: absent */
+    int64_t ish[NIN][4];
+    int ind[NIN];
+    int64_t osh[NOUT][4];
+    int ond[NOUT];
+    int64_t *start, *len; /* tokens of sequence n: rows start[n] .. start[n]+len[n]-1 */
+} Prob;
+
+static const char *in_name(const Prob *p, int i)
+{
+    static const char *const n[NIN] = { "q", "k", "v", "g", "eta", "h0", "cu_seqlens", "do",
+                                        "dht" };
+    if (i == I_E && p->opt.mode == KLA_MODE_GDN) return "beta";
+    return n[i];
+}
+
+static const char *out_name(const Prob *p, int i)
+{
+    static const char *const n[NOUT] = { "o", "ht", "dq", "dk", "dv", "dg", "deta", "dh0" };
+    if (i == O_DE && p->opt.mode == KLA_MODE_GDN) return "dbeta";
+    return n[i];
+}
+
+static int64_t numel(const int64_t *sh, int nd)
+{
+    int64_t n = 1;
+    for (int d = 0; d < nd; d++) n *= sh[d];
+    return n;
+}
+
+static void set4(int64_t *d, int64_t a, int64_t b, int64_t c, int64_t e)
+{
+    d[0] = a; d[1] = b; d[2] = c; d[3] = e;
+}
+
+/* Shapes from p->s and the layout (kla-spec.md section 2). */
+static void prob_shapes(Prob *p)
+{
+    const KlaShape *s = &p->s;
+    int vk = p->opt.state_layout == KLA_LAYOUT_VK;
+    int64_t a = vk ? s->V : s->K, b = vk ? s->K : s->V;
+    set4(p->ish[I_Q], s->B, s->T, s->H, s->K);
+    set4(p->ish[I_K], s->B, s->T, s->H, s->K);
+    set4(p->ish[I_V], s->B, s->T, s->HV, s->V);
+    set4(p->ish[I_G], s->B, s->T, s->HV, 0);
+    set4(p->ish[I_E], s->B, s->T, s->HV, 0);
+    set4(p->ish[I_H0], s->N, s->HV, a, b);
+    set4(p->ish[I_CU], s->N + 1, 0, 0, 0);
+    set4(p->ish[I_DO], s->B, s->T, s->HV, s->V);
+    set4(p->ish[I_DHT], s->N, s->HV, a, b);
+    static const int ind[NIN] = { 4, 4, 4, 3, 3, 4, 1, 4, 4 };
+    memcpy(p->ind, ind, sizeof ind);
+    static const int src[NOUT] = { I_V, I_H0, I_Q, I_K, I_V, I_G, I_E, I_H0 };
+    for (int i = 0; i < NOUT; i++) {
+        memcpy(p->osh[i], p->ish[src[i]], sizeof p->osh[i]);
+        p->ond[i] = ind[src[i]];
+    }
+}
+
+static int64_t in_numel(const Prob *p, int i) { return numel(p->ish[i], p->ind[i]); }
+static int64_t out_numel(const Prob *p, int i) { return numel(p->osh[i], p->ond[i]); }
+
+static size_t kdt_size(KlaDtype d) { return d == KLA_F32 || d == KLA_I32 ? 4 : 8; }
+
+static int64_t cu_get(KlaIn cu, int64_t i)
+{
+    return cu.dtype == KLA_I32 ? ((const int32_t *)cu.data)[i] : ((const int64_t *)cu.data)[i];
+}
+
+/* Sequence boundaries from cu_seqlens or B. */
+static int prob_seqs(Prob *p)
+{
+    int64_t N = p->s.N;
+    p->start = calloc((size_t)N, sizeof *p->start);
+    p->len = calloc((size_t)N, sizeof *p->len);
+    if (!p->start || !p->len) return -1;
+    for (int64_t n = 0; n < N; n++) {
+        if (p->in[I_CU].data) {
+            p->start[n] = cu_get(p->in[I_CU], n);
+            p->len[n] = cu_get(p->in[I_CU], n + 1) - p->start[n];
+        } else {
+            p->start[n] = n * p->s.T;
+            p->len[n] = p->s.T;
+        }
+    }
+    return 0;
+}
+
+typedef struct Outs {
+    void *t[NOUT];
+    KlaDtype dt;
+} Outs;
+
+static void outs_free(Outs *o)
+{
+    for (int i = 0; i < NOUT; i++) {
+        free(o->t[i]);
+        o->t[i] = NULL;
+    }
+}
+
+static int outs_alloc(Outs *o, const Prob *p, KlaDtype dt)
+{
+    memset(o, 0, sizeof *o);
+    o->dt = dt;
+    for (int i = 0; i < NOUT; i++) {
+        o->t[i] = calloc((size_t)out_numel(p, i) + 1, kdt_size(dt));
+        if (!o->t[i]) {
+            outs_free(o);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static KlaTensors prob_tensors(const Prob *p, Outs *o)
+{
+    KlaTensors t;
+    memset(&t, 0, sizeof t);
+    t.q = p->in[I_Q];
+    t.k = p->in[I_K];
+    t.v = p->in[I_V];
+    t.g = p->in[I_G];
+    if (p->opt.mode == KLA_MODE_KLA) t.eta = p->in[I_E];
+    else t.beta = p->in[I_E];
+    t.h0 = p->in[I_H0];
+    t.cu_seqlens = p->in[I_CU];
+    t.o = (KlaOut){ o->t[O_O], o->dt };
+    t.ht = (KlaOut){ o->t[O_HT], o->dt };
+    return t;
+}
+
+enum { RUN_FWD, RUN_BWD, RUN_DEC };
+
+/* Runs forward, backward or decode (token by token, sequence by sequence) into o. */
+static int run_op(KlaContext *ctx, const Prob *p, int op, KlaAlgo algo, Outs *o)
+{
+    KlaOptions opt = p->opt;
+    opt.algo = algo;
+    KlaTensors t = prob_tensors(p, o);
+    if (op == RUN_FWD) return kla_forward(ctx, &p->s, &opt, &t);
+    if (op == RUN_BWD) {
+        t.dout = p->in[I_DO];
+        t.dht = p->in[I_DHT];
+        t.dq = (KlaOut){ o->t[O_DQ], o->dt };
+        t.dk = (KlaOut){ o->t[O_DK], o->dt };
+        t.dv = (KlaOut){ o->t[O_DV], o->dt };
+        t.dg = (KlaOut){ o->t[O_DG], o->dt };
+        if (opt.mode == KLA_MODE_KLA) t.deta = (KlaOut){ o->t[O_DE], o->dt };
+        else t.dbeta = (KlaOut){ o->t[O_DE], o->dt };
+        if (p->in[I_H0].data) t.dh0 = (KlaOut){ o->t[O_DH0], o->dt };
+        return kla_backward(ctx, &p->s, &opt, &t);
+    }
+    /* decode */
+    const KlaShape *s = &p->s;
+    size_t oes = kdt_size(o->dt);
+    int64_t nst = s->HV * s->K * s->V, qrow = s->H * s->K, vrow = s->HV * s->V, grow = s->HV;
+    KlaShape ds = *s;
+    ds.B = 1;
+    ds.T = 1;
+    ds.N = 1;
+    for (int64_t n = 0; n < s->N; n++) {
+        char *state = (char *)o->t[O_HT] + (size_t)(n * nst) * oes;
+        for (int64_t i = 0; i < nst; i++) {
+            double x = 0;
+            if (p->in[I_H0].data)
+                x = p->in[I_H0].dtype == KLA_F32 ? ((const float *)p->in[I_H0].data)[n * nst + i]
+                                                 : ((const double *)p->in[I_H0].data)[n * nst + i];
+            if (o->dt == KLA_F64) ((double *)state)[i] = x;
+            else ((float *)state)[i] = (float)x;
+        }
+        for (int64_t r = p->start[n]; r < p->start[n] + p->len[n]; r++) {
+            KlaTensors d;
+            memset(&d, 0, sizeof d);
+#define ROW(ix, w) ((KlaIn){ (const char *)p->in[ix].data + (size_t)(r * (w)) * kdt_size(p->in[ix].dtype), \
+                             p->in[ix].dtype })
+            d.q = ROW(I_Q, qrow);
+            d.k = ROW(I_K, qrow);
+            d.v = ROW(I_V, vrow);
+            if (p->in[I_G].data) d.g = ROW(I_G, grow);
+            if (opt.mode == KLA_MODE_KLA) d.eta = ROW(I_E, grow);
+            else d.beta = ROW(I_E, grow);
+#undef ROW
+            d.o = (KlaOut){ (char *)o->t[O_O] + (size_t)(r * vrow) * oes, o->dt };
+            d.state = (KlaOut){ state, o->dt };
+            int rc = kla_decode(ctx, &ds, &opt, &d);
+            if (rc < 0) return rc;
+        }
+    }
+    return 0;
+}
+
+/* ---- 3. metric and tolerances ------------------------------------------------------- */
+
+static double at(const void *x, KlaDtype dt, int64_t i)
+{
+    return dt == KLA_F64 ? ((const double *)x)[i] : ((const float *)x)[i];
+}
+
+/* rel_rmse of kla-spec.md section 5 (rms(got) if ref is all zero); Inf if non-finite. */
+static double rel_rmse(const double *ref, const void *got, KlaDtype dt, int64_t n)
+{
+    double sd = 0, sr = 0, sg = 0;
+    for (int64_t i = 0; i < n; i++) {
+        double g = at(got, dt, i), d = g - ref[i];
+        if (!isfinite(g)) return INFINITY;
+        sd += d * d;
+        sr += ref[i] * ref[i];
+        sg += g * g;
+    }
+    if (n == 0) return 0;
+    return sr > 0 ? sqrt(sd / (double)n) / sqrt(sr / (double)n) : sqrt(sg / (double)n);
+}
+
+/* Base tolerances: float32 = kla verify's defaults; bf16/fp16: rounding these inputs to
+ * bf16 alone costs about 3e-3 (measured per case), and flash-linear-attention's own bf16
+ * tests allow 0.005 (o, ht) to 0.02 (gradients) on top of that. */
+static double base_tol(int out, int bf16)
+{
+    if (bf16) return out == O_O || out == O_HT ? 2e-2 : 5e-2;
+    return out == O_O || out == O_HT ? 1e-5 : 1e-4;
+}
+
+/* The smallest value of 1, 2, 5 times a power of ten that is >= x (x <= 10). */
+static double up125(double x)
+{
+    char buf[32];
+    for (int e = -15; e <= 1; e++)
+        for (int m = 1; m <= 5; m += m == 2 ? 3 : 1) {
+            snprintf(buf, sizeof buf, "%de%d", m, e);
+            double v = strtod(buf, NULL);
+            if (v >= x) return v;
+        }
+    return x;
+}
+
+/* Shortest decimal that reads back as x ("%.Ng", N = 1..17). */
+static void fmt_num(char *buf, size_t n, double x)
+{
+    for (int prec = 1; prec <= 17; prec++) {
+        snprintf(buf, n, "%.*g", prec, x);
+        if (strtod(buf, NULL) == x) return;
+    }
+}
+
+/* ---- 4. generate -------------------------------------------------------------------- */
+
+typedef struct Str {
+    char *p;
+    size_t n, cap;
+} Str;
+
+static void sb_printf(Str *s, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    int w = vsnprintf(NULL, 0, fmt, ap);
+    va_end(ap);
+    if (w < 0) return;
+    if (s->n + (size_t)w + 1 > s->cap) {
+        size_t cap = (s->cap ? s->cap * 2 : 4096) + (size_t)w;
+        char *q = realloc(s->p, cap);
+        if (!q) {
+            fprintf(stderr, "kla: out of memory\n");
+            exit(1);
+        }
+        s->p = q;
+        s->cap = cap;
+    }
+    va_start(ap, fmt);
+    vsnprintf(s->p + s->n, s->cap - s->n, fmt, ap);
+    va_end(ap);
+    s->n += (size_t)w;
+}
+
+/* One generated case: inputs as float32 (cu as int32/int64), expected as float64. */
+typedef struct Gen {
+    Prob p;
+    float *in[NIN];
+    void *cu;
+    Outs exp;
+} Gen;
+
+static void gen_free(Gen *g)
+{
+    for (int i = 0; i < NIN; i++) free(g->in[i]);
+    free(g->cu);
+    outs_free(&g->exp);
+    free(g->p.start);
+    free(g->p.len);
+}
+
+/* Element transform for draw u; r is the flat index (rows for k and g patterns). */
+static double draw(const GCase *c, int id, uint64_t *st, int64_t i)
+{
+    double u = unif(st);
+    if (c->readable) {
+        switch (id) {
+        case I_G: return -floor(u * 4) / 4;
+        case I_E: return (1 + floor(u * 4)) / 4;
+        default: return (floor(u * 9) - 4) / 4;
+        }
+    }
+    switch (id) {
+    case I_G:
+        if (c->g == G_ZERO) return 0;
+        if (c->g == G_STRONG && i % 3 == 1) return -20;
+        return -0.5 * u;
+    case I_E:
+        if (c->gdn) return 0.125 + 0.75 * u;
+        if (c->eta == E_ONE) return 1;
+        if (c->eta == E_SMALL) return 0x1p-10 * (1 + u);
+        return 0.25 + 1.25 * u;
+    case I_H0: return u - 0.5;
+    default: return 2 * u - 1;
+    }
+}
+
+static int gen_inputs(const GCase *c, Gen *g)
+{
+    Prob *p = &g->p;
+    memset(g, 0, sizeof *g);
+    kla_default_options(&p->opt);
+    p->opt.mode = c->gdn ? KLA_MODE_GDN : KLA_MODE_KLA;
+    p->opt.scale = c->scale != 0 ? c->scale : 1 / sqrt((double)c->K);
+    if (c->eps_set) p->opt.eps = c->eps;
+    p->opt.l2norm_q = c->l2q;
+    p->opt.l2norm_k = c->l2k;
+    p->opt.state_layout = c->vk ? KLA_LAYOUT_VK : KLA_LAYOUT_KV;
+    p->s = (KlaShape){ .B = c->B, .T = c->T, .H = c->H, .HV = c->HV, .K = c->K, .V = c->V,
+                       .N = c->nseq ? c->nseq : c->B };
+    prob_shapes(p);
+    int want[NIN] = { 1, 1, 1, c->g != G_ABSENT, 1, c->h0, c->nseq > 0, 1, c->dht };
+    for (int i = 0; i < NIN; i++) {
+        if (!want[i]) continue;
+        int64_t n = in_numel(p, i);
+        if (i == I_CU) {
+            g->cu = calloc((size_t)n, c->cu64 ? 8 : 4);
+            if (!g->cu) return -1;
+            int64_t acc = 0;
+            for (int64_t j = 0; j < n; j++) {
+                if (c->cu64) ((int64_t *)g->cu)[j] = acc;
+                else ((int32_t *)g->cu)[j] = (int32_t)acc;
+                if (j < c->nseq) acc += c->seqlens[j];
+            }
+            p->in[i] = (KlaIn){ g->cu, c->cu64 ? KLA_I64 : KLA_I32 };
+            continue;
+        }
+        float *x = g->in[i] = calloc((size_t)n + 1, sizeof(float));
+        if (!x) return -1;
+        p->in[i] = (KlaIn){ x, KLA_F32 };
+        if (c->spec6) {
+            static const float q6[4] = { 1, 1, 1, 0 }, k6[4] = { 2, 0, 1, 1 }, v6[2] = { 3, 1 };
+            static const float e6[2] = { 1, 0.5f }, d6[2] = { 1, 1 };
+            const float g6[2] = { 0, (float)log(0.5) };
+            const float *src[NIN] = { q6, k6, v6, g6, e6, NULL, NULL, d6, NULL };
+            memcpy(x, src[i], (size_t)n * sizeof(float));
+            continue;
+        }
+        uint64_t st = 16 * c->seed + (uint64_t)stream_id[i];
+        int unit = i == I_K && c->gdn && !c->l2k && !c->readable;
+        if (!unit) {
+            for (int64_t j = 0; j < n; j++) {
+                double y = draw(c, i, &st, j);
+                if (i == I_K && c->key == KEY_NORMS) y *= row_scale[(j / c->K) % 8];
+                x[j] = (float)y;
+            }
+            continue;
+        }
+        /* gdn without l2norm_k: unit key rows, x / sqrt(sum x^2) in float64 */
+        double *row = malloc((size_t)c->K * sizeof *row);
+        if (!row) return -1;
+        for (int64_t r0 = 0; r0 < n; r0 += c->K) {
+            double s2 = 0;
+            for (int j = 0; j < c->K; j++) {
+                row[j] = draw(c, i, &st, r0 + j);
+                s2 += row[j] * row[j];
+            }
+            for (int j = 0; j < c->K; j++) x[r0 + j] = (float)(row[j] / sqrt(s2));
+        }
+        free(row);
+    }
+    return prob_seqs(p);
+}
+
+/* Expected: ref64 recurrent forward (o, ht) and backward (gradients). */
+static int gen_expected(KlaContext *c64, Gen *g, const char *name)
+{
+    Outs b;
+    if (outs_alloc(&g->exp, &g->p, KLA_F64) < 0 || outs_alloc(&b, &g->p, KLA_F64) < 0)
+        return -1;
+    int r = run_op(c64, &g->p, RUN_FWD, KLA_ALGO_RECURRENT, &g->exp);
+    if (!r) r = run_op(c64, &g->p, RUN_BWD, KLA_ALGO_RECURRENT, &b);
+    if (r < 0) {
+        fprintf(stderr, "kla golden: %s: ref64: %s\n", name, kla_error_detail(c64));
+        outs_free(&b);
+        return -1;
+    }
+    for (int i = O_DQ; i < NOUT; i++) {
+        free(g->exp.t[i]);
+        g->exp.t[i] = b.t[i];
+        b.t[i] = NULL;
+    }
+    outs_free(&b);
+    return 0;
+}
+
+static int has_out(const Prob *p, int i) { return i != O_DH0 || p->in[I_H0].data; }
+
+/* Worst rel_rmse per output of runs with our float32 reference (both algorithms), and of
+ * ref64 on inputs rounded to bf16. */
+static int measure(KlaContext *c32, KlaContext *c64, Gen *g, double e32[NOUT],
+                   double e16[NOUT])
+{
+    Prob *p = &g->p;
+    Outs o;
+    int r = 0;
+    for (int i = 0; i < NOUT; i++) e32[i] = e16[i] = 0;
+    if (outs_alloc(&o, p, KLA_F32) < 0) return -1;
+    for (int a = 0; a < 2 && !r; a++) {
+        KlaAlgo algo = a ? KLA_ALGO_CHUNK : KLA_ALGO_RECURRENT;
+        r = run_op(c32, p, RUN_FWD, algo, &o);
+        for (int i = O_O; i <= O_HT && !r; i++)
+            e32[i] = fmax(e32[i], rel_rmse(g->exp.t[i], o.t[i], KLA_F32, out_numel(p, i)));
+        if (!r) r = run_op(c32, p, RUN_BWD, algo, &o);
+        for (int i = O_DQ; i < NOUT && !r; i++)
+            if (has_out(p, i))
+                e32[i] = fmax(e32[i], rel_rmse(g->exp.t[i], o.t[i], KLA_F32, out_numel(p, i)));
+    }
+    outs_free(&o);
+    if (r < 0) {
+        fprintf(stderr, "kla golden: ref: %s\n", kla_error_detail(c32));
+        return -1;
+    }
+
+    /* bf16: round-to-nearest-even of every float input */
+    Prob pb = *p;
+    float *rounded[NIN] = { NULL };
+    for (int i = 0; i < NIN; i++) {
+        if (!g->in[i]) continue;
+        int64_t n = in_numel(p, i);
+        rounded[i] = malloc((size_t)n * sizeof(float) + 4);
+        if (!rounded[i]) { r = -1; break; }
+        for (int64_t j = 0; j < n; j++) {
+            uint32_t u;
+            memcpy(&u, &g->in[i][j], 4);
+            u = (u + 0x7fff + ((u >> 16) & 1)) & 0xffff0000u;
+            memcpy(&rounded[i][j], &u, 4);
+        }
+        pb.in[i] = (KlaIn){ rounded[i], KLA_F32 };
+    }
+    if (!r && outs_alloc(&o, p, KLA_F64) == 0) {
+        r = run_op(c64, &pb, RUN_FWD, KLA_ALGO_RECURRENT, &o);
+        for (int i = O_O; i <= O_HT && !r; i++)
+            e16[i] = rel_rmse(g->exp.t[i], o.t[i], KLA_F64, out_numel(p, i));
+        if (!r) r = run_op(c64, &pb, RUN_BWD, KLA_ALGO_RECURRENT, &o);
+        for (int i = O_DQ; i < NOUT && !r; i++)
+            if (has_out(p, i)) e16[i] = rel_rmse(g->exp.t[i], o.t[i], KLA_F64, out_numel(p, i));
+        outs_free(&o);
+    } else {
+        r = -1;
+    }
+    for (int i = 0; i < NIN; i++) free(rounded[i]);
+    return r < 0 ? -1 : 0;
+}
+
+static void tol_list(char *buf, size_t n, const Prob *p, const double *tol)
+{
+    size_t len = 0;
+    buf[0] = 0;
+    for (int i = 0; i < NOUT; i++) {
+        if (!has_out(p, i)) continue;
+        char num[32];
+        fmt_num(num, sizeof num, tol[i]);
+        len += (size_t)snprintf(buf + len, n - len, "%s%s=%s", len ? "," : "", out_name(p, i),
+                                num);
+        if (len >= n) break;
+    }
+}
+
+static void json_shape(Str *m, const int64_t *sh, int nd)
+{
+    sb_printf(m, "[");
+    for (int d = 0; d < nd; d++) sb_printf(m, "%s%lld", d ? ", " : "", (long long)sh[d]);
+    sb_printf(m, "]");
+}
+
+static void json_tols(Str *m, const Prob *p, const double *v, int sci)
+{
+    int first = 1;
+    sb_printf(m, "{");
+    for (int i = 0; i < NOUT; i++) {
+        if (!has_out(p, i)) continue;
+        char num[32];
+        if (sci) snprintf(num, sizeof num, "%.1e", v[i]);
+        else fmt_num(num, sizeof num, v[i]);
+        sb_printf(m, "%s\"%s\": %s", first ? "" : ", ", out_name(p, i), num);
+        first = 0;
+    }
+    sb_printf(m, "}");
+}
+
+static int mkdir_p(const char *dir)
+{
+    if (mkdir(dir, 0777) == 0 || errno == EEXIST) return 0;
+    return -1;
+}
+
+static int is_case_file(const char *name)
+{
+    size_t n = strlen(name);
+    return n > 12 && strcmp(name + n - 12, ".safetensors") == 0 && name[0] != '.';
+}
+
+static int cmd_generate(const char *dir)
+{
+    KlaContext *c64 = NULL, *c32 = NULL;
+    KlaParams par;
+    kla_default_params(&par);
+    par.backend = "ref64";
+    if (kla_open(&c64, &par) < 0) {
+        fprintf(stderr, "kla golden: backend ref64 unavailable\n");
+        return 1;
+    }
+    par.backend = "ref";
+    if (kla_open(&c32, &par) < 0) {
+        fprintf(stderr, "kla golden: backend ref unavailable\n");
+        kla_close(&c64);
+        return 1;
+    }
+    if (mkdir_p(dir) < 0) {
+        fprintf(stderr, "kla golden: %s: %s\n", dir, strerror(errno));
+        kla_close(&c64);
+        kla_close(&c32);
+        return 1;
+    }
+    Str m = { 0 };
+    sb_printf(&m, "{\n  \"format\": \"kla-golden-1\",\n"
+                  "  \"generator\": \"kla golden generate DIR (tools/golden.c), see docs/golden.md\",\n"
+                  "  \"prng\": \"splitmix64\",\n"
+                  "  \"reference\": \"backend ref64 (float64), recurrent algorithm\",\n"
+                  "  \"metric\": \"rel_rmse = rms(ref - got) / rms(ref) per tensor, kla-spec.md section 5\",\n"
+                  "  \"tolerances\": \"float32: for kernels computing in float32 on these F32 inputs; "
+                  "bf16: for kernels that round inputs or intermediates to bf16 or fp16\",\n"
+                  "  \"cases\": [\n");
+    int rc = 0;
+    char names[NCASES][128];
+    for (int ci = 0; ci < NCASES && !rc; ci++) {
+        const GCase *c = &cases[ci];
+        char *name = names[ci], path[4096];
+        case_name(c, name, sizeof names[ci]);
+        snprintf(path, sizeof path, "%s/%s.safetensors", dir, name);
+        Gen g;
+        double e32[NOUT], e16[NOUT], t32[NOUT], t16[NOUT];
+        if (gen_inputs(c, &g) < 0 || gen_expected(c64, &g, name) < 0 ||
+            measure(c32, c64, &g, e32, e16) < 0) {
+            fprintf(stderr, "kla golden: %s: generation failed\n", name);
+            gen_free(&g);
+            rc = 1;
+            break;
+        }
+        Prob *p = &g.p;
+        for (int i = 0; i < NOUT; i++) {
+            t32[i] = fmax(base_tol(i, 0), up125(4 * e32[i]));
+            t16[i] = fmax(base_tol(i, 1), up125(4 * e16[i]));
+        }
+
+        /* the file: inputs (F32, cu I32/I64), then expected outputs (F64) */
+        st_tensor ts[NIN + NOUT];
+        int nt = 0;
+        for (int pass = 0; pass < 2; pass++)
+            for (int i = 0; i < (pass ? NOUT : NIN); i++) {
+                if (pass ? !has_out(p, i) : !p->in[i].data) continue;
+                st_tensor *t = &ts[nt++];
+                memset(t, 0, sizeof *t);
+                t->name = (char *)(pass ? out_name(p, i) : in_name(p, i));
+                t->ndim = pass ? p->ond[i] : p->ind[i];
+                memcpy(t->shape, pass ? p->osh[i] : p->ish[i], sizeof(int64_t) * 4);
+                t->numel = numel(t->shape, t->ndim);
+                t->dtype = pass ? ST_F64 : i == I_CU ? (c->cu64 ? ST_I64 : ST_I32) : ST_F32;
+                t->nbytes = (size_t)t->numel * st_dtype_size(t->dtype);
+                t->data = pass ? g.exp.t[i] : (void *)p->in[i].data;
+            }
+        char scale[32], eps[32], tl32[256], tl16[256];
+        fmt_num(scale, sizeof scale, p->opt.scale);
+        fmt_num(eps, sizeof eps, p->opt.eps);
+        tol_list(tl32, sizeof tl32, p, t32);
+        tol_list(tl16, sizeof tl16, p, t16);
+        const char *mode = c->gdn ? "gdn" : "kla", *lay = c->vk ? "vk" : "kv";
+        const char *l2q = c->l2q ? "true" : "false", *l2k = c->l2k ? "true" : "false";
+        const char *keys[] = { "case", "mode", "scale", "eps", "l2norm_q", "l2norm_k",
+                               "state_layout", "tol_float32", "tol_bf16" };
+        const char *vals[] = { name, mode, scale, eps, l2q, l2k, lay, tl32, tl16 };
+        char err[512], sha[65];
+        if (st_write(path, ts, nt, keys, vals, 9, err, sizeof err) < 0 ||
+            sha256_file_hex(path, sha) < 0) {
+            fprintf(stderr, "kla golden: %s\n", err);
+            gen_free(&g);
+            rc = 1;
+            break;
+        }
+        struct stat sb;
+        long long bytes = stat(path, &sb) == 0 ? (long long)sb.st_size : -1;
+
+        /* the MANIFEST entry */
+        sb_printf(&m, "    {\n      \"name\": \"%s\",\n      \"file\": \"%s.safetensors\",\n", name,
+                  name);
+        sb_printf(&m, "      \"bytes\": %lld,\n      \"sha256\": \"%s\",\n", bytes, sha);
+        sb_printf(&m, "      \"what\": \"%s\",\n      \"seed\": %llu,\n", c->what,
+                  (unsigned long long)c->seed);
+        static const char *const gk[] = { "uniform", "absent", "zero", "m20" };
+        static const char *const ek[] = { "uniform", "one", "small" };
+        sb_printf(&m, "      \"inputs_from\": {\"values\": \"%s\", \"g\": \"%s\", \"%s\": \"%s\", "
+                      "\"keys\": \"%s\"",
+                  c->spec6 ? "fixed" : c->readable ? "grid" : "uniform", gk[c->g],
+                  c->gdn ? "beta" : "eta", c->gdn ? "uniform" : ek[c->eta],
+                  c->key == KEY_NORMS ? "norms" : c->gdn && !c->l2k && !c->readable ? "unit"
+                                                                                    : "uniform");
+        if (c->nseq) {
+            sb_printf(&m, ", \"seqlens\": [");
+            for (int j = 0; j < c->nseq; j++) sb_printf(&m, "%s%d", j ? ", " : "", c->seqlens[j]);
+            sb_printf(&m, "], \"cu_dtype\": \"%s\"", c->cu64 ? "I64" : "I32");
+        }
+        sb_printf(&m, "},\n");
+        sb_printf(&m, "      \"options\": {\"mode\": \"%s\", \"scale\": %s, \"eps\": %s, "
+                      "\"l2norm_q\": %s, \"l2norm_k\": %s, \"state_layout\": \"%s\"},\n",
+                  mode, scale, eps, l2q, l2k, lay);
+        sb_printf(&m, "      \"dims\": {\"B\": %d, \"T\": %d, \"H\": %d, \"HV\": %d, \"K\": %d, "
+                      "\"V\": %d, \"N\": %lld},\n",
+                  c->B, c->T, c->H, c->HV, c->K, c->V, (long long)p->s.N);
+        for (int pass = 0; pass < 2; pass++) {
+            sb_printf(&m, "      \"%s\": {", pass ? "outputs" : "inputs");
+            int first = 1;
+            for (int i = 0; i < nt; i++) {
+                if ((ts[i].dtype == ST_F64) != pass) continue;
+                sb_printf(&m, "%s\"%s\": {\"dtype\": \"%s\", \"shape\": ", first ? "" : ", ",
+                          ts[i].name, st_dtype_name(ts[i].dtype));
+                json_shape(&m, ts[i].shape, ts[i].ndim);
+                sb_printf(&m, "}");
+                first = 0;
+            }
+            sb_printf(&m, "},\n");
+        }
+        sb_printf(&m, "      \"tolerances\": {\n        \"float32\": ");
+        json_tols(&m, p, t32, 0);
+        sb_printf(&m, ",\n        \"bf16\": ");
+        json_tols(&m, p, t16, 0);
+        sb_printf(&m, "\n      },\n      \"measured\": {\n        \"ref_float32\": ");
+        json_tols(&m, p, e32, 1);
+        sb_printf(&m, ",\n        \"bf16_inputs\": ");
+        json_tols(&m, p, e16, 1);
+        sb_printf(&m, "\n      }\n    }%s\n", ci + 1 < NCASES ? "," : "");
+        printf("%-44s %9lld bytes  %s\n", name, bytes, sha);
+        gen_free(&g);
+    }
+    sb_printf(&m, "  ]\n}\n");
+    if (!rc) {
+        /* MANIFEST.json atomically; then remove case files that are no longer in the set */
+        char path[4096], tmp[4200];
+        snprintf(path, sizeof path, "%s/MANIFEST.json", dir);
+        snprintf(tmp, sizeof tmp, "%s/.MANIFEST.json.tmp", dir);
+        FILE *f = fopen(tmp, "wb");
+        if (!f || fwrite(m.p, 1, m.n, f) != m.n || fclose(f) != 0 || rename(tmp, path) != 0) {
+            fprintf(stderr, "kla golden: %s: %s\n", path, strerror(errno));
+            rc = 1;
+        }
+        DIR *d = rc ? NULL : opendir(dir);
+        struct dirent *e;
+        while (d && (e = readdir(d))) {
+            if (!is_case_file(e->d_name)) continue;
+            int known = 0;
+            for (int ci = 0; ci < NCASES; ci++) {
+                size_t l = strlen(names[ci]);
+                if (strncmp(e->d_name, names[ci], l) == 0 &&
+                    strcmp(e->d_name + l, ".safetensors") == 0)
+                    known = 1;
+            }
+            if (!known) {
+                snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+                if (unlink(path) == 0) printf("removed stale %s\n", path);
+            }
+        }
+        if (d) closedir(d);
+        if (!rc) printf("golden: %d cases and MANIFEST.json written to %s\n", NCASES, dir);
+    }
+    free(m.p);
+    kla_close(&c64);
+    kla_close(&c32);
+    return rc;
+}
+
+/* ---- 5. check ----------------------------------------------------------------------- */
+
+static KlaIn file_in(const st_tensor *t)
+{
+    static const double empty[1];
+    KlaIn r = { NULL, KLA_F32 };
+    if (!t) return r;
+    r.data = t->data ? t->data : (const void *)empty;
+    r.dtype = t->dtype == ST_F64 ? KLA_F64 : t->dtype == ST_I32 ? KLA_I32
+            : t->dtype == ST_I64 ? KLA_I64 : KLA_F32;
+    return r;
+}
+
+/* The problem of a case file (our own files: checks are light). */
+static int prob_from_file(Prob *p, const st_file *f, const char *path)
+{
+    memset(p, 0, sizeof *p);
+    kla_default_options(&p->opt);
+    const st_tensor *q = st_find(f, "q"), *v = st_find(f, "v"), *cu = st_find(f, "cu_seqlens");
+    const char *mode = st_meta(f, "mode"), *x;
+    int gdn = mode ? strcmp(mode, "gdn") == 0 : st_find(f, "beta") != NULL;
+    if (!q || !v || q->ndim != 4 || v->ndim != 4 || !st_find(f, gdn ? "beta" : "eta") ||
+        (cu && (cu->ndim != 1 || cu->numel < 2))) {
+        fprintf(stderr, "kla golden: %s: not a golden case (q, v, eta|beta)\n", path);
+        return -1;
+    }
+    p->opt.mode = gdn ? KLA_MODE_GDN : KLA_MODE_KLA;
+    if ((x = st_meta(f, "scale"))) p->opt.scale = strtod(x, NULL);
+    if ((x = st_meta(f, "eps"))) p->opt.eps = strtod(x, NULL);
+    if ((x = st_meta(f, "l2norm_q"))) p->opt.l2norm_q = strcmp(x, "true") == 0;
+    if ((x = st_meta(f, "l2norm_k"))) p->opt.l2norm_k = strcmp(x, "true") == 0;
+    if ((x = st_meta(f, "state_layout"))) p->opt.state_layout = strcmp(x, "vk") == 0;
+    p->s = (KlaShape){ .B = q->shape[0], .T = q->shape[1], .H = q->shape[2], .K = q->shape[3],
+                       .HV = v->shape[2], .V = v->shape[3],
+                       .N = cu ? cu->numel - 1 : q->shape[0] };
+    prob_shapes(p);
+    for (int i = 0; i < NIN; i++) p->in[i] = file_in(st_find(f, in_name(p, i)));
+    return prob_seqs(p);
+}
+
+/* tol_float32 metadata ("o=1e-05,ht=...") or kla verify's default. */
+static double case_tol(const st_file *f, const char *name)
+{
+    double t = verify_meta_tol(f, "tol_float32", name);
+    return t >= 0 ? t : verify_default_tol(name);
+}
+
+typedef struct Tally {
+    int pass, fail, cases, bad_cases;
+} Tally;
+
+static int cmp_str(const void *a, const void *b)
+{
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+static void check_case(KlaContext *ctx, const char *dir, const char *file, Tally *ty)
+{
+    char path[4096], err[512], cname[256];
+    snprintf(path, sizeof path, "%s/%s", dir, file);
+    snprintf(cname, sizeof cname, "%.*s", (int)(strlen(file) - 12), file);
+    st_file f;
+    Prob p;
+    Outs o;
+    int fails = 0;
+    memset(&o, 0, sizeof o);
+    if (st_read(path, &f, err, sizeof err) < 0) {
+        fprintf(stderr, "kla golden: %s\n", err);
+        ty->fail++;
+        ty->bad_cases++;
+        ty->cases++;
+        return;
+    }
+    KlaDtype dt = strcmp(kla_backend_name(ctx), "ref64") == 0 ? KLA_F64 : KLA_F32;
+    if (prob_from_file(&p, &f, path) < 0 || outs_alloc(&o, &p, dt) < 0) {
+        fails++;
+        goto done;
+    }
+    static const struct { int op; KlaAlgo algo; const char *label; } runs[] = {
+        { RUN_FWD, KLA_ALGO_RECURRENT, "forward/recurrent" },
+        { RUN_FWD, KLA_ALGO_CHUNK, "forward/chunk" },
+        { RUN_BWD, KLA_ALGO_RECURRENT, "backward/recurrent" },
+        { RUN_BWD, KLA_ALGO_CHUNK, "backward/chunk" },
+        { RUN_DEC, KLA_ALGO_AUTO, "decode" },
+    };
+    int vk = p.opt.state_layout == KLA_LAYOUT_VK;
+    for (size_t r = 0; r < sizeof runs / sizeof runs[0]; r++) {
+        for (int i = 0; i < NOUT; i++) memset(o.t[i], 0, (size_t)out_numel(&p, i) * kdt_size(dt));
+        int rc = run_op(ctx, &p, runs[r].op, runs[r].algo, &o);
+        if (rc < 0) {
+            printf("%s %-18s FAIL  %s\n", cname, runs[r].label, kla_error_detail(ctx));
+            fails++;
+            continue;
+        }
+        int lo = runs[r].op == RUN_BWD ? O_DQ : O_O, hi = runs[r].op == RUN_BWD ? NOUT : O_DQ;
+        for (int i = lo; i < hi; i++) {
+            const char *nm = out_name(&p, i);
+            const st_tensor *ref = st_find(&f, nm);
+            if (!ref) continue;
+            st_tensor got;
+            memset(&got, 0, sizeof got);
+            got.name = (char *)nm;
+            got.dtype = dt == KLA_F64 ? ST_F64 : ST_F32;
+            got.ndim = p.ond[i];
+            memcpy(got.shape, p.osh[i], sizeof(int64_t) * 4);
+            got.numel = out_numel(&p, i);
+            got.nbytes = (size_t)got.numel * kdt_size(dt);
+            got.data = o.t[i];
+            printf("%s %-18s ", cname, runs[r].label);
+            if (verify_tensor(stdout, nm, ref, &got, case_tol(&f, nm), vk)) ty->pass++;
+            else {
+                ty->fail++;
+                fails++;
+            }
+        }
+    }
+done:
+    if (fails && ty->pass + ty->fail == 0) ty->fail++;
+    ty->cases++;
+    if (fails) ty->bad_cases++;
+    outs_free(&o);
+    free(p.start);
+    free(p.len);
+    st_free(&f);
+    fflush(stdout);
+}
+
+static int cmd_check(const char *backend, const char *glob, const char *dir)
+{
+    KlaParams par;
+    kla_default_params(&par);
+    par.backend = backend;
+    KlaContext *ctx = NULL;
+    int r = kla_open(&ctx, &par);
+    if (r < 0) {
+        fprintf(stderr, "kla golden: backend \"%s\": %s\n", backend ? backend : "auto",
+                kla_strerror(r));
+        return 1;
+    }
+    DIR *d = opendir(dir);
+    if (!d) {
+        fprintf(stderr, "kla golden: %s: %s\n", dir, strerror(errno));
+        kla_close(&ctx);
+        return 1;
+    }
+    char **files = NULL;
+    size_t n = 0, cap = 0;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        if (!is_case_file(e->d_name)) continue;
+        char base[256];
+        snprintf(base, sizeof base, "%.*s", (int)(strlen(e->d_name) - 12), e->d_name);
+        if (glob && fnmatch(glob, base, 0) != 0 && fnmatch(glob, e->d_name, 0) != 0) continue;
+        if (n == cap) {
+            cap = cap ? 2 * cap : 64;
+            char **nf = realloc(files, cap * sizeof *files);
+            if (!nf) break;
+            files = nf;
+        }
+        files[n] = strdup(e->d_name);
+        if (files[n]) n++;
+    }
+    closedir(d);
+    qsort(files, n, sizeof *files, cmp_str);
+    Tally ty = { 0, 0, 0, 0 };
+    printf("golden check: backend %s, %s, %zu case%s\n", kla_backend_name(ctx), dir, n,
+           n == 1 ? "" : "s");
+    for (size_t i = 0; i < n; i++) check_case(ctx, dir, files[i], &ty);
+    for (size_t i = 0; i < n; i++) free(files[i]);
+    free(files);
+    printf("golden check: backend %s: %d cases (%d failing), %d tensors passed, %d failed\n",
+           kla_backend_name(ctx), ty.cases, ty.bad_cases, ty.pass, ty.fail);
+    kla_close(&ctx);
+    if (n == 0) {
+        fprintf(stderr, "kla golden: no case in %s matches\n", dir);
+        return 1;
+    }
+    return ty.fail ? 1 : 0;
+}
+
+/* ---- 6. command line ---------------------------------------------------------------- */
+
+static const char usage[] =
+    "usage: kla golden generate DIR\n"
+    "       kla golden check [--backend B] [--cases GLOB] [--dir DIR]\n"
+    "generate: writes every golden case (inputs F32 from splitmix64 streams, expected\n"
+    "  outputs and gradients F64 from backend ref64) and DIR/MANIFEST.json; case files no\n"
+    "  longer in the set are removed. docs/golden.md describes the generator.\n"
+    "check: runs backend B (default ref) on every case of DIR (default $KLA_GOLDEN or\n"
+    "  golden): forward with both algorithms, backward with both, decode; prints a line\n"
+    "  per case, run and tensor (rel_rmse, max abs error and where), then a summary.\n"
+    "  Tolerances: the case's float32 set (tol_float32 in its metadata = MANIFEST.json).\n"
+    "  Exit 0 if everything passes, 1 otherwise.\n"
+    "  --cases GLOB   only cases whose name matches (fnmatch), e.g. 'kla_*_h0*'\n";
+
+int golden_main(int argc, char **argv)
+{
+    if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {
+        fputs(usage, argc < 2 ? stderr : stdout);
+        return argc < 2 ? 2 : 0;
+    }
+    if (strcmp(argv[1], "generate") == 0) {
+        if (argc == 3 && strcmp(argv[2], "--help") == 0) {
+            fputs(usage, stdout);
+            return 0;
+        }
+        if (argc != 3 || argv[2][0] == '-') {
+            fprintf(stderr, "kla golden generate: expected one argument DIR\n%s", usage);
+            return 2;
+        }
+        return cmd_generate(argv[2]);
+    }
+    if (strcmp(argv[1], "check") == 0) {
+        const char *backend = "ref", *glob = NULL, *dir = getenv("KLA_GOLDEN");
+        if (!dir || !*dir) dir = "golden";
+        for (int i = 2; i < argc; i++) {
+            const char *a = argv[i], *val = NULL;
+            if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
+                fputs(usage, stdout);
+                return 0;
+            }
+            const char *opts[] = { "--backend", "--cases", "--dir" };
+            int which = -1;
+            for (int j = 0; j < 3; j++) {
+                size_t l = strlen(opts[j]);
+                if (strncmp(a, opts[j], l) == 0 && (a[l] == 0 || a[l] == '=')) {
+                    which = j;
+                    val = a[l] == '=' ? a + l + 1 : NULL;
+                }
+            }
+            if (which < 0) {
+                fprintf(stderr, "kla golden check: unknown argument '%s'\n%s", a, usage);
+                return 2;
+            }
+            if (!val) {
+                if (i + 1 >= argc) {
+                    fprintf(stderr, "kla golden check: option '%s' needs a value\n", a);
+                    return 2;
+                }
+                val = argv[++i];
+            }
+            if (which == 0) backend = val;
+            else if (which == 1) glob = val;
+            else dir = val;
+        }
+        return cmd_check(backend, glob, dir);
+    }
+    fprintf(stderr, "kla golden: unknown subcommand '%s'\n%s", argv[1], usage);
+    return 2;
+}
