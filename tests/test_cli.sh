@@ -498,8 +498,8 @@ else nok "OUT = IN is refused"; fi
 # ---- verify ------------------------------------------------------------------------------
 # REF: o [2, 32, 4, 16] = 4096 elements, all 1.0. GOT multiplies one element by 1.001, so
 # rel_rmse = 1e-3 / sqrt(4096) = 1.5625e-5 exactly in exact arithmetic: it must fail at
-# tol 1e-5 (and with the default tol 1e-5 for o) and pass at tol 2e-5, which checks the
-# metric itself, not only that a difference is noticed; max_abs is 1e-3 at the element.
+# tol 1e-5 (and with the default tol 1e-5 for o); at tol 2e-5 only the elementwise bound
+# fails it; at 1e-3 it passes. max_abs is 1e-3 at the element.
 gen verify_ref vref.st
 gen verify_one_off vgot.st vref.st
 gen verify_missing vmiss.st vref.st
@@ -519,7 +519,13 @@ if grep -Eq 'ref 1 +got 1\.001' out.txt; then ok "verify: prints ref and got val
 else nok "verify: prints ref and got values of a FAIL"; fi
 "$KLA" verify vgot.st --against vref.st >out.txt 2>err.txt
 [ $? -eq 1 ] && ok "verify: fails with the default tol for o" || nok "verify: fails with the default tol for o"
-check "verify: passes at tol 2e-5" "$KLA" verify vgot.st --against vref.st --tol 2e-5
+# at tol 2e-5 rel_rmse (1.56e-5) passes, but the elementwise bound max(tol, 1e-4) *
+# (|ref| + rms(ref)) = 2e-4 does not hold for the changed element (error 1e-3)
+"$KLA" verify vgot.st --against vref.st --tol 2e-5 >out.txt 2>err.txt; rc=$?
+if [ $rc -eq 1 ] && grep -q '1 element off by more than 0.0001' out.txt; then
+    ok "verify: the elementwise bound catches what rel_rmse misses (tol 2e-5)"
+else nok "verify: the elementwise bound catches what rel_rmse misses (tol 2e-5, rc $rc)"; fi
+check "verify: passes at tol 1e-3" "$KLA" verify vgot.st --against vref.st --tol 1e-3
 check "verify: --tensors ht ignores o" "$KLA" verify vgot.st --against vref.st --tensors ht
 "$KLA" verify vmiss.st --against vref.st >out.txt 2>err.txt; rc=$?
 if [ $rc -eq 1 ] && grep -Eq '^ht +FAIL.*missing' out.txt; then ok "verify: missing tensor fails"

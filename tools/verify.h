@@ -30,6 +30,10 @@ int verify_is_output_name(const char *name);
 void verify_format_index(char *buf, size_t n, const char *name, const st_tensor *t,
                          int vk, long long flat);
 
+/* The elementwise floor: every element must be within max(tol, VERIFY_ELEM_TOL) *
+ * (|ref| + rms(ref)) besides rel_rmse <= tol. */
+#define VERIFY_ELEM_TOL 1e-4
+
 /* Compares one tensor and prints one line to out; a failure adds the worst element
  * (ref and got), and for tensors with heads the rel_rmse of each head ("by head", only
  * the heads over tol when there are more than 16) and the first token whose own error

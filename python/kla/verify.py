@@ -22,6 +22,9 @@ _GB = ("g", "eta", "beta", "dg", "deta", "dbeta")
 _ST = ("h0", "ht", "dh0", "dht")
 
 
+ELEM_TOL = 1e-4  # tools/verify.h VERIFY_ELEM_TOL
+
+
 def default_tol(name):
     """kla verify's defaults: 1e-4 for gradients, 1e-5 for o, ht and anything else."""
     return 1e-4 if name in OUTPUT_NAMES and name.startswith("d") else 1e-5
@@ -119,9 +122,17 @@ def _tensor(name, ref, got, tol, vk):
     rel = rms_ref > 0
     err = math.sqrt(sdiff / n) / rms_ref if rel else math.sqrt(sgot / n)
     nbad = int(bad.sum())
-    passed = nbad == 0 and err <= tol
+    # elementwise, as tools/verify.c: |got - ref| <= max(tol, 1e-4) * (|ref| + rms(ref))
+    etol = max(tol, ELEM_TOL)
+    nover, worst_at, worst = 0, 0, 0.0
+    if rel and nbad == 0:
+        q = np.abs(g - r) / (np.abs(r) + rms_ref)
+        nover = int(np.count_nonzero(q > etol))
+        if q.max() > 0:
+            worst_at, worst = int(np.argmax(q)), float(q.max())
+    passed = nbad == 0 and err <= tol and nover == 0
     where = format_index(name, ref.shape, vk, max_at)
-    res.update({"pass": passed, "rel_rmse": err, "max_abs": max_abs,
+    res.update({"pass": passed, "rel_rmse": err, "max_abs": max_abs, "elements_over": nover,
                 "max_at": tuple(int(i) for i in np.unravel_index(max_at, ref.shape)),
                 "where": where, "nonfinite": nbad,
                 "ref_value": float(r[max_at]), "got_value": float(g[max_at])})
@@ -134,6 +145,12 @@ def _tensor(name, ref, got, tol, vk):
             nbad, "es" if nbad > 1 else "", format_index(name, ref.shape, vk, b), r[b], g[b]))
     elif not passed:
         lines.append("       at %s: ref %.10g  got %.10g" % (where, r[max_at], g[max_at]))
+        if nover:
+            lines.append("       %d element%s off by more than %g x (|ref| + rms(ref)), worst "
+                         "%s: ref %.10g  got %.10g  (%.1e)" % (
+                             nover, "s" if nover > 1 else "", etol,
+                             format_index(name, ref.shape, vk, worst_at), r[worst_at],
+                             g[worst_at], worst))
         if rel:
             lines += _breakdown(name, ref.shape, r, g, tol, rms_ref)
     return res, lines
