@@ -180,6 +180,11 @@ KLA_API const char *const *kla_backend_list(void);
 /* CPU feature levels this machine supports (KLA_CPU_*). */
 KLA_API unsigned kla_cpu_flags(void);
 
+/* Vulkan devices, one line each "index: name (type)" into buf (truncated to len, NUL
+ * terminated); returns their number, KLA_ENOSYS when the Vulkan backend is not built,
+ * KLA_ENODEV when no loader or device is usable. The index is KlaParams.gpu_device. */
+KLA_API int kla_vulkan_devices(char *buf, size_t len);
+
 /* ---- operations ------------------------------------------------------------------- */
 
 /* o (and ht) for B sequences of T tokens, or N packed sequences. */

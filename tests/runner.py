@@ -89,7 +89,9 @@ def stage_sanitize():
     if not build("build-asan", args):
         return record("sanitize", "build", False)
     run_meson_tests("sanitize", "build-asan", {
-        "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=1",
+        # see tests/nodlclose.c; it is preloaded ahead of libasan, hence the link-order flag
+        "LD_PRELOAD": os.path.join(ROOT, "build-asan", "tests", "libnodlclose.so"),
+        "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=1:verify_asan_link_order=0",
         "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1",
         "LSAN_OPTIONS": "suppressions=" + os.path.join(ROOT, "tests", "lsan.supp"),
     })

@@ -18,6 +18,7 @@
 #include "golden.h"
 #include "kla.h"
 #include "safetensors.h"
+#include "bench.h"
 #include "verify.h"
 
 enum { CMD_FORWARD, CMD_BACKWARD, CMD_DECODE, CMD_VERIFY, CMD_INFO };
@@ -34,6 +35,7 @@ static const char *const usage_text[] = {
     "  --algo A         auto (default), recurrent or chunk\n"
     "  --chunk-size N   16, 32, 64 (default) or 128\n"
     "  --threads N      worker threads, 0 = all cores (default)\n"
+    "  --cpu MASK       CPU levels allowed: 1 AVX2+FMA, 2 AVX-512, 4 NEON, 0 plain C\n"
     "  -o, --output OUT output file, written only when the computation succeeded\n",
     /* backward */
     "usage: kla backward [--backend B] [--algo auto|recurrent|chunk] [--chunk-size N]\n"
@@ -44,6 +46,7 @@ static const char *const usage_text[] = {
     "  --algo A         auto (default), recurrent or chunk\n"
     "  --chunk-size N   16, 32, 64 (default) or 128\n"
     "  --threads N      worker threads, 0 = all cores (default)\n"
+    "  --cpu MASK       CPU levels allowed: 1 AVX2+FMA, 2 AVX-512, 4 NEON, 0 plain C\n"
     "  -o, --output OUT output file\n",
     /* decode */
     "usage: kla decode [--backend B] [--threads N] IN -o OUT\n"
@@ -52,6 +55,7 @@ static const char *const usage_text[] = {
     "equal kla forward.\n"
     "  --backend B      ref, ref64, ... (default: the library's choice)\n"
     "  --threads N      worker threads, 0 = all cores (default)\n"
+    "  --cpu MASK       CPU levels allowed: 1 AVX2+FMA, 2 AVX-512, 4 NEON, 0 plain C\n"
     "  -o, --output OUT output file\n",
     /* verify */
     "usage: kla verify GOT --against REF [--tol X] [--tensors a,b,..]\n"
@@ -80,6 +84,7 @@ static void usage_main(FILE *f)
             "  verify     compare two safetensors files\n"
             "  info       version, backends, CPU features\n"
             "  golden     generate or check the golden vectors (kla golden --help)\n"
+            "  bench      throughput of forward, backward, decode (kla bench --help)\n"
             "  help [COMMAND], --help, --version\n"
             "'kla COMMAND --help' describes a command.\n");
 }
@@ -115,6 +120,7 @@ typedef struct Cli {
     const char *algo_name;
     int chunk_size, chunk_set;
     int threads;
+    unsigned cpu_mask; /* --cpu: allowed CPU levels (KLA_CPU_*), default all */
     const char *in, *out;
     const char *against, *tensors;
     double tol;
@@ -174,6 +180,7 @@ static int parse_args(Cli *c, int argc, char **argv)
         int known = (run && (strcmp(name, "--algo") == 0 || strcmp(name, "--chunk-size") == 0)) ||
                     ((run || cmd == CMD_DECODE) &&
                      (strcmp(name, "--backend") == 0 || strcmp(name, "--threads") == 0 ||
+                      strcmp(name, "--cpu") == 0 ||
                       strcmp(name, "-o") == 0 || strcmp(name, "--output") == 0)) ||
                     (cmd == CMD_VERIFY &&
                      (strcmp(name, "--against") == 0 || strcmp(name, "--tol") == 0 ||
@@ -199,6 +206,13 @@ static int parse_args(Cli *c, int argc, char **argv)
         } else if (strcmp(name, "--threads") == 0) {
             if (parse_int(val, 0, 1 << 16, &c->threads) < 0)
                 return usage_error(cmd, "--threads '%s': expected an integer >= 0", val);
+        } else if (strcmp(name, "--cpu") == 0) {
+            char *end;
+            errno = 0;
+            unsigned long m = strtoul(val, &end, 0);
+            if (errno || end == val || *end || m > 0xffffffffu)
+                return usage_error(cmd, "--cpu '%s': expected a mask (1 AVX2, 2 AVX-512, 4 NEON, 0 plain C)", val);
+            c->cpu_mask = (unsigned)m;
         } else if (strcmp(name, "-o") == 0 || strcmp(name, "--output") == 0) {
             if (!*val) return usage_error(cmd, "empty output path");
             c->out = val;
@@ -748,6 +762,7 @@ static int cmd_run(const Cli *c)
     kla_default_params(&par);
     par.backend = c->backend;
     par.threads = c->threads;
+    par.cpu_mask = c->cpu_mask;
     int r = kla_open(&ctx, &par);
     if (r < 0) {
         fprintf(stderr, "kla: backend \"%s\": %s\n", c->backend ? c->backend : "auto",
@@ -864,6 +879,11 @@ static int cmd_info(void)
            fl & (KLA_CPU_AVX2 | KLA_CPU_AVX512 | KLA_CPU_NEON) ? "" : " none");
     long cores = sysconf(_SC_NPROCESSORS_ONLN);
     printf("cores: %ld\n", cores);
+    char vkdev[2048]; /* "index: name (type)" lines; the index is KlaParams.gpu_device */
+    int nvk = kla_vulkan_devices(vkdev, sizeof vkdev);
+    if (nvk != KLA_ENOSYS) printf("vulkan devices:%s\n", nvk > 0 ? "" : " none usable");
+    for (char *s = vkdev, *e; nvk > 0 && (e = strchr(s, '\n')); s = e + 1)
+        printf("  %.*s\n", (int)(e - s), s);
     return 0;
 }
 
@@ -883,6 +903,7 @@ int main(int argc, char **argv)
         return 0;
     }
     if (strcmp(a, "golden") == 0) return golden_main(argc - 1, argv + 1);
+    if (strcmp(a, "bench") == 0) return kla_bench_main(argc - 1, argv + 1);
     if (strcmp(a, "help") == 0) {
         if (argc >= 3 && strcmp(argv[2], "golden") == 0) {
             char *h[] = { argv[2], (char *)"--help", NULL };
@@ -913,6 +934,7 @@ int main(int argc, char **argv)
     }
     c.algo = KLA_ALGO_AUTO;
     c.algo_name = "auto";
+    c.cpu_mask = KLA_CPU_ALL;
     c.tol = -1;
     int r = parse_args(&c, argc, argv);
     if (r >= 0) return r;

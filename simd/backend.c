@@ -1,0 +1,275 @@
+/*
+ * backend.c: the "simd" backend's dispatch-table entry (compiled for baseline x86-64 /
+ * aarch64): picks a kernel table for the CPU level, splits a call into independent work
+ * items and runs them with OpenMP, and does the O(T K) parts of the backward (grouped
+ * head reduction, l2norm and step-size gradients).
+ *
+ * Level: the best of kla_cpu_flags() & KlaParams.cpu_mask & $KLA_CPU_MASK. The
+ * environment variable is a number (strtoul base 0: "0", "3", "0x1"), the same bits as
+ * KLA_CPU_* (1 AVX2+FMA, 2 AVX-512, 4 NEON); KLA_CPU_MASK=0 forces the plain C kernels.
+ *
+ * Threads: KlaParams.threads (0 = all cores, OpenMP's default). Work items are
+ * (sequence, value head) pairs; no two items write the same output element and every
+ * reduction runs in a fixed order inside one item (value heads sharing a key head write
+ * separate dq/dk buffers, summed per token in head order afterwards), so results are
+ * bit-identical for any thread count.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "kla_internal.h"
+#include "simd_kernels.h"
+
+#ifdef _OPENMP
+#define OMP(x) _Pragma(#x)
+#else
+#define OMP(x)
+#endif
+
+typedef struct simd_state {
+    const simd_kernels *kern;
+    int threads;
+    float *scratch; /* per-thread work areas, kept between calls: large blocks malloc'ed */
+    int64_t cap;    /* and freed per call cost mmap, page faults and TLB shootdowns */
+} simd_state;
+
+/* The kernel table for the allowed levels. */
+static const simd_kernels *pick_level(unsigned mask)
+{
+    const char *env = getenv("KLA_CPU_MASK");
+    if (env && *env) mask &= (unsigned)strtoul(env, NULL, 0);
+    mask &= kla_cpu_flags();
+#if defined(__x86_64__)
+    if (mask & KLA_CPU_AVX512) return &kla_simd_kernels_avx512;
+    if (mask & KLA_CPU_AVX2) return &kla_simd_kernels_avx2;
+#elif defined(__aarch64__)
+    if (mask & KLA_CPU_NEON) return &kla_simd_kernels_neon;
+#endif
+    return &kla_simd_kernels_c;
+}
+
+static int usable(void) { return 1; } /* the C level runs anywhere */
+
+static int simd_open(void **state, const KlaParams *params, char *err, size_t errlen)
+{
+    (void)err, (void)errlen;
+    simd_state *s = calloc(1, sizeof *s);
+    if (!s) return KLA_ENOMEM;
+    s->kern = pick_level(params->cpu_mask);
+    s->threads = params->threads;
+    *state = s;
+    return 0;
+}
+
+static void simd_close(void *state)
+{
+    simd_state *s = state;
+    if (s) free(s->scratch);
+    free(s);
+}
+
+static int nthreads(const simd_state *s, const kla_problem *p)
+{
+    int n = p->threads > 0 ? p->threads : s->threads;
+#ifdef _OPENMP
+    if (n <= 0) n = omp_get_max_threads();
+#else
+    n = 1;
+#endif
+    return n;
+}
+
+static float *alloc_floats(int64_t n)
+{
+    if (n <= 0) n = 1;
+    if ((uint64_t)n > SIZE_MAX / sizeof(float) - 64) return NULL;
+    return aligned_alloc(64, ((size_t)n * sizeof(float) + 63) / 64 * 64);
+}
+
+/* nt slices of `each` floats (rounded to 64 bytes) from the context's cached scratch */
+static float *scratch(simd_state *s, int nt, int64_t *each)
+{
+    *each = (*each + 15) / 16 * 16;
+    const int64_t need = *each * nt;
+    if (need > s->cap) {
+        free(s->scratch);
+        s->scratch = alloc_floats(need);
+        s->cap = s->scratch ? need : 0;
+    }
+    return s->scratch;
+}
+
+static int thread_id(void)
+{
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+/* Which algorithm AUTO runs. The recurrent kernel does 3 FMA per state element and
+ * token on a K x 32 slab in L1; the chunkwise one does about as many FLOPs through small
+ * GEMMs, plus their overheads. Measured (docs/benchmarks.md, "Which algorithm"): the
+ * recurrent forward was faster for K, V from 32 to 256 and chunk sizes 16 to 128 on the
+ * 2-core AVX-512 machine, and with AVX-512 on the 16-core one, so AUTO is recurrent. */
+static int pick_algo(int algo, const kla_problem *p)
+{
+    (void)p;
+    return algo == KLA_ALGO_AUTO ? KLA_ALGO_RECURRENT : algo;
+}
+
+static int simd_forward(void *state, const kla_problem *p, int algo, const void *q,
+                        const void *k, const void *v, const void *g, const void *a,
+                        const void *h0, void *o, void *ht)
+{
+    simd_state *s = state;
+    const simd_kernels *kern = s->kern;
+    const simd_job J = { .p = p, .q = q, .k = k, .v = v, .g = g, .a = a, .h0 = h0, .o = o, .ht = ht };
+    const int nt = nthreads(s, p), rec = pick_algo(algo, p) == KLA_ALGO_RECURRENT;
+    /* recurrent: with fewer than 4 (sequence, head) pairs per thread, split each pair's
+     * state into column ranges too, so that one slow thread weighs less */
+    const int64_t nh = p->N * p->HV, nb = (p->V + SIMD_COLS - 1) / SIMD_COLS;
+    int64_t split = rec ? (4 * (int64_t)nt + nh - 1) / nh : 1;
+    if (split > nb) split = nb;
+    const int64_t per = (nb + split - 1) / split;
+    split = (nb + per - 1) / per;
+    const int64_t items = nh * split;
+    int64_t each = rec ? simd_rec_work_floats(p->K, p->V) : simd_chunk_work_floats(p->chunk, p->K, p->V);
+    float *buf = scratch(s, nt, &each);
+    if (!buf) return KLA_ENOMEM;
+    OMP(omp parallel for num_threads(nt) schedule(dynamic, 1))
+    for (int64_t it = 0; it < items; it++) {
+        float *work = buf + thread_id() * each;
+        const int64_t pair = it / split, b0 = it % split * per, b1 = b0 + per < nb ? b0 + per : nb;
+        if (rec) kern->rec_fwd(&J, pair / p->HV, pair % p->HV, b0, b1, work);
+        else kern->chunk_fwd(&J, pair / p->HV, pair % p->HV, work, NULL);
+    }
+    return 0;
+}
+
+static int simd_decode(void *state, const kla_problem *p, const void *q, const void *k,
+                       const void *v, const void *g, const void *a, void *S, void *o)
+{
+    const simd_state *s = state;
+    const simd_kernels *kern = s->kern;
+    const simd_job J = { .p = p, .q = q, .k = k, .v = v, .g = g, .a = a, .o = o, .ht = S };
+    const int64_t items = p->N * p->HV;
+    const int nt = nthreads(s, p);
+    (void)nt;
+    OMP(omp parallel for num_threads(nt) schedule(static) if (items > 1))
+    for (int64_t it = 0; it < items; it++) kern->decode(&J, it / p->HV, it % p->HV);
+    return 0;
+}
+
+static int simd_backward(void *state, const kla_problem *p, int algo, const void *q_,
+                         const void *k_, const void *v, const void *g, const void *a_,
+                         const void *h0, const void *dout, const void *dht, void *o, void *ht,
+                         void *dq_, void *dk_, void *dv, void *dg, void *da_, void *dh0)
+{
+    (void)algo; /* one backward: chunkwise (it agrees with the recurrent definition) */
+    simd_state *s = state;
+    const simd_kernels *kern = s->kern;
+    const int64_t T = p->total, H = p->H, HV = p->HV, K = p->K, G = HV / H;
+    const float *q = q_, *k = k_, *a = a_;
+    float *dq = dq_, *dk = dk_, *da = da_;
+    /* gradients w.r.t. qhat, khat per value head; with one value head per key head they
+     * go straight into dq, dk (transformed in place below) */
+    float *dqv = G == 1 ? dq : calloc((size_t)(T * HV * K) + 1, sizeof(float));
+    float *dkv = G == 1 ? dk : calloc((size_t)(T * HV * K) + 1, sizeof(float));
+    float *dgb = dg ? dg : malloc((size_t)(T * HV + 1) * sizeof(float));
+    if (G == 1) {
+        memset(dq, 0, (size_t)(T * H * K) * sizeof(float));
+        memset(dk, 0, (size_t)(T * H * K) * sizeof(float));
+    }
+    if (!dqv || !dkv || !dgb) {
+        if (G > 1) free(dqv), free(dkv);
+        if (!dg) free(dgb);
+        return KLA_ENOMEM;
+    }
+    const simd_job J = { .p = p, .q = q, .k = k, .v = v, .g = g, .a = a, .h0 = h0, .o = o,
+                         .ht = ht, .dout = dout, .dht = dht, .dqv = dqv, .dkv = dkv,
+                         .dv = dv, .dg = dgb, .dbeta = da, .dh0 = dh0 };
+    const int nt = nthreads(s, p);
+    const int64_t items = p->N * HV;
+    int64_t maxch = 1;
+    for (int64_t n = 0; n < p->N; n++) {
+        const int64_t c = (p->cu[n + 1] - p->cu[n] + p->chunk - 1) / p->chunk;
+        if (c > maxch) maxch = c;
+    }
+    const int64_t wsz = (simd_chunk_work_floats(p->chunk, K, p->V) + 15) / 16 * 16;
+    int64_t each = wsz + maxch * simd_chunk_save_floats(p->chunk, K, p->V);
+    float *buf = scratch(s, nt, &each);
+    int fail = !buf;
+    OMP(omp parallel for num_threads(nt) schedule(dynamic, 1))
+    for (int64_t it = 0; it < (buf ? items : 0); it++) {
+        float *work = buf + thread_id() * each, *save = work + wsz;
+        kern->chunk_fwd(&J, it / HV, it % HV, work, save);
+        kern->chunk_bwd(&J, it / HV, it % HV, work, save);
+    }
+    if (!fail) {
+        /* per token: sum the value heads of each key head in a fixed order, then the
+         * step-size and l2norm gradients (ref/kla_ref.c prepare_backward) */
+        float *rows = alloc_floats((int64_t)nt * 2 * K);
+        if (!rows) fail = 1;
+        OMP(omp parallel for num_threads(nt) schedule(static))
+        for (int64_t t = 0; t < (rows ? T : 0); t++) {
+#ifdef _OPENMP
+            float *khat = rows + (int64_t)omp_get_thread_num() * 2 * K, *dkhat = khat + K;
+#else
+            float *khat = rows, *dkhat = khat + K;
+#endif
+            for (int64_t h = 0; h < H; h++) {
+                const float *qr = q + (t * H + h) * K, *kr = k + (t * H + h) * K;
+                float *dqr = dq + (t * H + h) * K, *dkr = dk + (t * H + h) * K;
+                float kk = 0, qq = 0;
+                for (int64_t i = 0; i < K; i++) kk += kr[i] * kr[i], qq += qr[i] * qr[i];
+                const float rk = p->l2norm_k ? sqrtf(kk + 1e-6f) : 1.0f;
+                const float rq = p->l2norm_q ? sqrtf(qq + 1e-6f) : 1.0f;
+                for (int64_t i = 0; i < K; i++) khat[i] = kr[i] / rk;
+                const float nk = p->l2norm_k ? kk / (rk * rk) + (float)p->eps : kk + (float)p->eps;
+                for (int64_t i = 0; i < K; i++) dkhat[i] = 0;
+                if (G > 1)
+                    for (int64_t i = 0; i < K; i++) dqr[i] = 0;
+                float ckh = 0; /* sum over the group of the KLA step-size term */
+                for (int64_t hv = h * G; hv < (h + 1) * G; hv++) {
+                    const float *dqs = dqv + (t * HV + hv) * K, *dks = dkv + (t * HV + hv) * K;
+                    for (int64_t i = 0; i < K; i++) dkhat[i] += dks[i];
+                    if (G > 1)
+                        for (int64_t i = 0; i < K; i++) dqr[i] += dqs[i];
+                    const int64_t tv = t * HV + hv;
+                    if (p->mode == KLA_MODE_KLA) {
+                        /* beta = eta / nk:  deta = dbeta / nk;  dkhat += -2 dbeta eta / nk^2 khat */
+                        ckh += -2 * da[tv] * a[tv] / (nk * nk);
+                        da[tv] = da[tv] / nk;
+                    }
+                }
+                for (int64_t i = 0; i < K; i++) dkhat[i] += ckh * khat[i];
+                if (p->l2norm_q) { /* dq = (dqhat - qhat (qhat . dqhat)) / rq */
+                    float sd = 0;
+                    for (int64_t i = 0; i < K; i++) sd += qr[i] / rq * dqr[i];
+                    for (int64_t i = 0; i < K; i++) dqr[i] = (dqr[i] - qr[i] / rq * sd) / rq;
+                }
+                if (p->l2norm_k) {
+                    float sd = 0;
+                    for (int64_t i = 0; i < K; i++) sd += khat[i] * dkhat[i];
+                    for (int64_t i = 0; i < K; i++) dkr[i] = (dkhat[i] - khat[i] * sd) / rk;
+                } else {
+                    memcpy(dkr, dkhat, (size_t)K * sizeof(float));
+                }
+            }
+        }
+        free(rows);
+    }
+    if (G > 1) free(dqv), free(dkv);
+    if (!dg) free(dgb);
+    return fail ? KLA_ENOMEM : 0;
+}
+
+const kla_backend kla_backend_simd = { "simd", KLA_F32, usable, simd_open, simd_close,
+                                       simd_forward, simd_backward, simd_decode };

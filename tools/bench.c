@@ -1,0 +1,409 @@
+/*
+ * bench.c: `kla bench`, throughput of the operator on random inputs, with yardsticks
+ * measured in the same process (docs/benchmarks.md explains the figures):
+ *
+ *   - forward (recurrent, chunkwise, auto), backward, decode of 1 and N sequences:
+ *     best-of-reps time, tokens/s, GFLOP/s (FLOP counts in docs/benchmarks.md);
+ *   - the ratio to the scalar "ref" backend (on a smaller T when T is large: --ref-T);
+ *   - an OpenBLAS sgemm (1024^3, same thread count) GFLOP/s, when built with OpenBLAS,
+ *     against the chunkwise kernel's executed GEMM FLOP/s;
+ *   - for decode, the state-streaming bound: one read and one write of every state;
+ *   - thread scaling: the forward with 1 thread against --threads.
+ *
+ * kla bench [--backend B] [--T n] [--B n] [--H n] [--K n] [--V n] [--N n] [--threads n]
+ *           [--algo auto|recurrent|chunk] [--chunk C] [--reps n] [--cpu MASK] [--ref-T n]
+ *           [--op all|forward|backward|decode] [--json]
+ */
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#ifdef KLA_HAVE_OPENBLAS
+#include <cblas.h>
+#endif
+
+#include "bench.h"
+#include "kla.h"
+
+typedef struct bopt {
+    const char *backend, *op;
+    long T, B, H, V, K, N, reps, ref_T, chunk;
+    int threads, algo, json;
+    unsigned cpu;
+} bopt;
+
+static double now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static uint64_t rs = 0x2545F4914F6CDD1Dull;
+static float frand(float lo, float hi)
+{
+    rs ^= rs << 13, rs ^= rs >> 7, rs ^= rs << 17;
+    return lo + (hi - lo) * (float)((rs >> 11) * (1.0 / 9007199254740992.0));
+}
+static float *rnd(long n, float lo, float hi)
+{
+    float *x = malloc((size_t)(n > 0 ? n : 1) * sizeof(float));
+    if (!x) {
+        fprintf(stderr, "kla bench: out of memory\n");
+        exit(1);
+    }
+    for (long i = 0; i < n; i++) x[i] = frand(lo, hi);
+    return x;
+}
+
+/* inputs of one problem: q, k l2-normalised by the op (the KLA layer normalises q; we
+ * normalise both so that any T is numerically tame), g in [-0.1, 0], eta in [0.2, 1] */
+typedef struct prob {
+    KlaShape s;
+    float *q, *k, *v, *g, *eta, *dout, *o, *dq, *dk, *dv, *dg, *deta;
+} prob;
+
+static void prob_make(prob *P, long B, long T, long H, long K, long V, int backward)
+{
+    memset(P, 0, sizeof *P);
+    P->s = (KlaShape){ B, T, H, H, K, V, B };
+    const long nq = B * T * H * K, nv = B * T * H * V, ns = B * T * H;
+    P->q = rnd(nq, -1, 1), P->k = rnd(nq, -1, 1), P->v = rnd(nv, -1, 1);
+    P->g = rnd(ns, -0.1f, 0), P->eta = rnd(ns, 0.2f, 1);
+    P->o = rnd(nv, 0, 0);
+    if (backward) {
+        P->dout = rnd(nv, -1, 1), P->dq = rnd(nq, 0, 0), P->dk = rnd(nq, 0, 0);
+        P->dv = rnd(nv, 0, 0), P->dg = rnd(ns, 0, 0), P->deta = rnd(ns, 0, 0);
+    }
+}
+
+static void prob_free(prob *P)
+{
+    free(P->q), free(P->k), free(P->v), free(P->g), free(P->eta), free(P->dout), free(P->o);
+    free(P->dq), free(P->dk), free(P->dv), free(P->dg), free(P->deta);
+}
+
+static KlaOptions options(int algo, long chunk)
+{
+    KlaOptions o;
+    kla_default_options(&o);
+    o.algo = algo, o.l2norm_q = 1, o.l2norm_k = 1, o.chunk_size = (int)chunk;
+    return o;
+}
+
+static KlaContext *open_ctx(const char *backend, int threads, unsigned cpu)
+{
+    KlaParams p;
+    kla_default_params(&p);
+    p.backend = backend, p.threads = threads, p.cpu_mask = cpu;
+    KlaContext *ctx;
+    int r = kla_open(&ctx, &p);
+    if (r < 0) {
+        fprintf(stderr, "kla bench: backend %s: %s\n", backend ? backend : "auto", kla_strerror(r));
+        return NULL;
+    }
+    return ctx;
+}
+
+/* best time of reps runs of forward (op 0) or backward (op 1) */
+static double time_op(KlaContext *ctx, prob *P, int op, int algo, long chunk, long reps)
+{
+    KlaOptions o = options(algo, chunk);
+    KlaTensors t = { .q = KLA_F32_IN(P->q), .k = KLA_F32_IN(P->k), .v = KLA_F32_IN(P->v),
+                     .g = KLA_F32_IN(P->g), .eta = KLA_F32_IN(P->eta), .o = KLA_F32_OUT(P->o) };
+    if (op == 1) {
+        t.dout = KLA_F32_IN(P->dout), t.dq = KLA_F32_OUT(P->dq), t.dk = KLA_F32_OUT(P->dk);
+        t.dv = KLA_F32_OUT(P->dv), t.dg = KLA_F32_OUT(P->dg), t.deta = KLA_F32_OUT(P->deta);
+    }
+    double best = INFINITY;
+    for (long r = -1; r < reps; r++) { /* r = -1: warm-up (threads, page faults), untimed */
+        const double t0 = now();
+        const int e = op == 1 ? kla_backward(ctx, &P->s, &o, &t) : kla_forward(ctx, &P->s, &o, &t);
+        const double dt = now() - t0;
+        if (e < 0) {
+            fprintf(stderr, "kla bench: %s\n", kla_error_detail(ctx));
+            return NAN;
+        }
+        if (r >= 0 && dt < best) best = dt;
+    }
+    return best;
+}
+
+/* decode: time per call of N sequences x H heads (best of reps, each the mean of 20 calls) */
+static double time_decode(KlaContext *ctx, long N, long H, long K, long V, long reps, float *state)
+{
+    float *q = rnd(N * H * K, -1, 1), *k = rnd(N * H * K, -1, 1), *v = rnd(N * H * V, -1, 1);
+    float *g = rnd(N * H, -0.1f, 0), *eta = rnd(N * H, 0.2f, 1), *o = rnd(N * H * V, 0, 0);
+    KlaShape s = { N, 1, H, H, K, V, N };
+    KlaOptions opt = options(KLA_ALGO_AUTO, 64);
+    KlaTensors t = { .q = KLA_F32_IN(q), .k = KLA_F32_IN(k), .v = KLA_F32_IN(v), .g = KLA_F32_IN(g),
+                     .eta = KLA_F32_IN(eta), .o = KLA_F32_OUT(o), .state = KLA_F32_OUT(state) };
+    double best = INFINITY;
+    kla_decode(ctx, &s, &opt, &t); /* warm-up */
+    for (long r = 0; r < reps; r++) {
+        const double t0 = now();
+        for (int i = 0; i < 20; i++)
+            if (kla_decode(ctx, &s, &opt, &t) < 0) {
+                fprintf(stderr, "kla bench: %s\n", kla_error_detail(ctx));
+                best = NAN;
+                r = reps;
+                break;
+            }
+        const double dt = (now() - t0) / 20;
+        if (dt < best) best = dt;
+    }
+    free(q), free(k), free(v), free(g), free(eta), free(o);
+    return best;
+}
+
+/* the state-streaming bound: read and write every float of the state once, threaded
+ * like decode (static split), best of reps x 20 passes */
+static double time_stream(float *x, long n, int threads, long reps)
+{
+    double best = INFINITY;
+    (void)threads;
+    for (long r = 0; r < reps; r++) {
+        const double t0 = now();
+        for (int i = 0; i < 20; i++) {
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(threads > 0 ? threads : omp_get_max_threads()) schedule(static)
+#endif
+            for (long j = 0; j < n; j++) x[j] = x[j] * 0.999f + 1e-7f;
+        }
+        const double dt = (now() - t0) / 20;
+        if (dt < best) best = dt;
+    }
+    return best;
+}
+
+static double sgemm_gflops(int threads)
+{
+#ifdef KLA_HAVE_OPENBLAS
+    const int n = 1024;
+    float *a = rnd((long)n * n, -1, 1), *b = rnd((long)n * n, -1, 1), *c = rnd((long)n * n, 0, 0);
+#ifdef _OPENMP
+    openblas_set_num_threads(threads > 0 ? threads : omp_get_max_threads());
+#else
+    openblas_set_num_threads(threads > 0 ? threads : 1);
+#endif
+    double best = INFINITY;
+    for (int r = 0; r < 5; r++) {
+        const double t0 = now();
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, n, n, 1, a, n, b, n, 0, c, n);
+        const double dt = now() - t0;
+        if (dt < best) best = dt;
+    }
+    free(a), free(b), free(c);
+    return 2.0 * n * n * n / best * 1e-9;
+#else
+    (void)threads;
+    return NAN;
+#endif
+}
+
+/* FLOP per token and value head (docs/benchmarks.md) */
+static double flop_recurrence(long K, long V) { return 7.0 * K * V; }
+static double flop_chunk(long C, long K, long V) { return 5.0 * C * K + 3.0 * C * V + 6.0 * K * V; }
+
+/* `, "key": value` of the JSON object; null where nothing was measured */
+static void jnum(const char *key, double v)
+{
+    if (isfinite(v)) printf(", \"%s\": %.6g", key, v);
+    else printf(", \"%s\": null", key);
+}
+
+static void progress(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "kla bench: ");
+    vfprintf(stderr, fmt, ap);
+    fprintf(stderr, "\n");
+    va_end(ap);
+}
+
+static int usage(const char *msg)
+{
+    if (msg) fprintf(stderr, "kla bench: %s\n", msg);
+    fprintf(stderr,
+            "usage: kla bench [--backend B] [--T n] [--B n] [--H n] [--K n] [--V n] [--N n]\n"
+            "                 [--threads n] [--algo auto|recurrent|chunk] [--chunk C] [--reps n]\n"
+            "                 [--cpu MASK] [--ref-T n] [--op all|forward|backward|decode] [--json]\n"
+            "  forward/backward on B x T tokens of H heads (K, V), decode of 1 and N sequences.\n"
+            "  --cpu MASK   allowed CPU levels: 1 AVX2+FMA, 2 AVX-512, 4 NEON (0 = plain C)\n"
+            "  --ref-T n    T for the ratio to the ref backend (default min(T, 256))\n");
+    return 2;
+}
+
+int kla_bench_main(int argc, char **argv)
+{
+    bopt b = { "simd", "all", 4096, 1, 16, 128, 128, 16, 5, 0, 64, 0, KLA_ALGO_AUTO, 0, KLA_CPU_ALL };
+    if (kla_backend_available("simd") != 1) b.backend = NULL;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        long *lp = !strcmp(a, "--T") ? &b.T : !strcmp(a, "--B") ? &b.B : !strcmp(a, "--H") ? &b.H
+                 : !strcmp(a, "--K") ? &b.K : !strcmp(a, "--V") ? &b.V : !strcmp(a, "--N") ? &b.N
+                 : !strcmp(a, "--reps") ? &b.reps : !strcmp(a, "--ref-T") ? &b.ref_T
+                 : !strcmp(a, "--chunk") ? &b.chunk : NULL;
+        if (!strcmp(a, "--json")) {
+            b.json = 1;
+            continue;
+        }
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) return usage(NULL), 0;
+        if (!v) return usage("option needs a value");
+        char *end;
+        if (lp) {
+            *lp = strtol(v, &end, 10);
+            if (*end || *lp < (lp == &b.ref_T ? 0 : 1)) return usage("bad number");
+        } else if (!strcmp(a, "--threads")) {
+            b.threads = (int)strtol(v, &end, 10);
+            if (*end || b.threads < 0) return usage("bad --threads");
+        } else if (!strcmp(a, "--cpu")) {
+            b.cpu = (unsigned)strtoul(v, &end, 0);
+            if (*end) return usage("bad --cpu mask");
+        } else if (!strcmp(a, "--backend")) {
+            b.backend = v;
+        } else if (!strcmp(a, "--op")) {
+            b.op = v;
+        } else if (!strcmp(a, "--algo")) {
+            if (!strcmp(v, "auto")) b.algo = KLA_ALGO_AUTO;
+            else if (!strcmp(v, "recurrent")) b.algo = KLA_ALGO_RECURRENT;
+            else if (!strcmp(v, "chunk")) b.algo = KLA_ALGO_CHUNK;
+            else return usage("bad --algo");
+        } else {
+            return usage("unknown option");
+        }
+        i++;
+    }
+    const int all = !strcmp(b.op, "all"), do_fwd = all || !strcmp(b.op, "forward");
+    const int do_bwd = all || !strcmp(b.op, "backward"), do_dec = all || !strcmp(b.op, "decode");
+    if (!all && !do_fwd && !do_bwd && !do_dec) return usage("bad --op");
+    if (!b.ref_T) b.ref_T = b.T < 256 ? b.T : 256;
+    int nthreads = b.threads;
+#ifdef _OPENMP
+    if (nthreads == 0) nthreads = omp_get_max_threads();
+#else
+    if (nthreads == 0) nthreads = 1;
+#endif
+    KlaContext *ctx = open_ctx(b.backend, b.threads, b.cpu);
+    KlaContext *ctx1 = open_ctx(b.backend, 1, b.cpu);
+    KlaContext *ref = open_ctx("ref", 1, KLA_CPU_ALL);
+    if (!ctx || !ctx1 || !ref) return 1;
+    const char *bname = kla_backend_name(ctx);
+    const double tokens = (double)b.B * b.T, heads = (double)b.H;
+    const double frec = flop_recurrence(b.K, b.V), fch = flop_chunk(b.chunk, b.K, b.V);
+    double t_auto = NAN, t_rec = NAN, t_ch = NAN, t_bwd = NAN, t_1 = NAN, t_ref = NAN, t_small = NAN;
+    double t_dec1 = NAN, t_decN = NAN, s_dec1 = NAN, s_decN = NAN, t_refbwd = NAN, t_smallbwd = NAN;
+
+    prob P;
+    if (do_fwd || do_bwd) prob_make(&P, b.B, b.T, b.H, b.K, b.V, do_bwd);
+    if (do_fwd) {
+        progress("forward %s B=%ld T=%ld H=%ld K=%ld V=%ld, %d threads", bname, b.B, b.T, b.H, b.K, b.V, nthreads);
+        t_auto = time_op(ctx, &P, 0, b.algo, b.chunk, b.reps);
+        t_rec = time_op(ctx, &P, 0, KLA_ALGO_RECURRENT, b.chunk, b.reps);
+        t_ch = time_op(ctx, &P, 0, KLA_ALGO_CHUNK, b.chunk, b.reps);
+        progress("forward with 1 thread");
+        t_1 = time_op(ctx1, &P, 0, b.algo, b.chunk, b.reps < 3 ? b.reps : 3);
+        progress("ref backend forward at T=%ld", b.ref_T);
+        prob S;
+        prob_make(&S, b.B, b.ref_T, b.H, b.K, b.V, 0);
+        t_ref = time_op(ref, &S, 0, KLA_ALGO_RECURRENT, b.chunk, 1);
+        t_small = time_op(ctx1, &S, 0, b.algo, b.chunk, b.reps);
+        prob_free(&S);
+    }
+    if (do_bwd) {
+        progress("backward %s", bname);
+        t_bwd = time_op(ctx, &P, 1, b.algo, b.chunk, b.reps < 3 ? b.reps : 3);
+        const long rt = b.ref_T < 128 ? b.ref_T : 128;
+        progress("ref backend backward at T=%ld", rt);
+        prob S;
+        prob_make(&S, b.B, rt, b.H, b.K, b.V, 1);
+        t_refbwd = time_op(ref, &S, 1, KLA_ALGO_CHUNK, b.chunk, 1);
+        t_smallbwd = time_op(ctx1, &S, 1, b.algo, b.chunk, b.reps);
+        prob_free(&S);
+    }
+    if (do_fwd || do_bwd) prob_free(&P);
+    if (do_dec) {
+        const long Ns[2] = { 1, b.N };
+        for (int i = 0; i < 2; i++) {
+            progress("decode of %ld sequences", Ns[i]);
+            const long n = Ns[i] * b.H * b.K * b.V;
+            float *state = rnd(n, -0.1f, 0.1f);
+            const double td = time_decode(ctx, Ns[i], b.H, b.K, b.V, b.reps * 4, state);
+            const double ts = time_stream(state, n, b.threads, b.reps * 4);
+            if (i == 0) t_dec1 = td, s_dec1 = ts;
+            else t_decN = td, s_decN = ts;
+            free(state);
+        }
+    }
+
+    /* last: OpenBLAS's own threads may spin for a while after a call */
+    const double sg = sgemm_gflops(b.threads);
+    const double gf = 1e-9;
+    if (b.json) {
+        printf("{\"backend\": \"%s\", \"threads\": %d, \"B\": %ld, \"T\": %ld, \"H\": %ld, \"K\": %ld, "
+               "\"V\": %ld, \"N\": %ld, \"chunk\": %ld, \"cpu_mask\": %u",
+               bname, nthreads, b.B, b.T, b.H, b.K, b.V, b.N, b.chunk, b.cpu);
+        jnum("sgemm_gflops", sg);
+        if (do_fwd) {
+            jnum("forward_ms", t_auto * 1e3), jnum("forward_recurrent_ms", t_rec * 1e3);
+            jnum("forward_chunk_ms", t_ch * 1e3), jnum("forward_1thread_ms", t_1 * 1e3);
+            jnum("forward_tokens_per_s", tokens / t_auto);
+            jnum("forward_gflops", tokens * heads * frec / t_auto * gf);
+            jnum("chunk_gemm_gflops", tokens * heads * fch / t_ch * gf);
+            jnum("ref_T", (double)b.ref_T), jnum("speedup_vs_ref_1thread", t_ref / t_small);
+            jnum("thread_scaling", t_1 / t_auto);
+        }
+        if (do_bwd) {
+            jnum("backward_ms", t_bwd * 1e3), jnum("backward_tokens_per_s", tokens / t_bwd);
+            jnum("backward_over_forward", do_fwd ? t_bwd / t_auto : NAN);
+            jnum("backward_speedup_vs_ref_1thread", t_refbwd / t_smallbwd);
+        }
+        if (do_dec) {
+            jnum("decode1_us", t_dec1 * 1e6), jnum("decode1_bound_us", s_dec1 * 1e6);
+            jnum("decodeN_us", t_decN * 1e6), jnum("decodeN_bound_us", s_decN * 1e6);
+        }
+        printf("}\n");
+    } else {
+        printf("kla bench: backend %s, %d threads, B=%ld T=%ld H=%ld K=%ld V=%ld, chunk %ld, cpu mask 0x%x\n",
+               bname, nthreads, b.B, b.T, b.H, b.K, b.V, b.chunk, b.cpu);
+        if (!isnan(sg)) printf("  OpenBLAS sgemm 1024^3:        %8.1f GFLOP/s\n", sg);
+        if (do_fwd) {
+            printf("  forward (%s):%*s %9.3f ms  %10.0f tokens/s  %7.1f GFLOP/s\n",
+                   b.algo == KLA_ALGO_AUTO ? "auto" : b.algo == KLA_ALGO_CHUNK ? "chunk" : "recurrent",
+                   b.algo == KLA_ALGO_RECURRENT ? 6 : b.algo == KLA_ALGO_CHUNK ? 10 : 11, "",
+                   t_auto * 1e3, tokens / t_auto, tokens * heads * frec / t_auto * gf);
+            printf("  forward recurrent:           %9.3f ms  %10.0f tokens/s  %7.1f GFLOP/s\n", t_rec * 1e3,
+                   tokens / t_rec, tokens * heads * frec / t_rec * gf);
+            printf("  forward chunk:               %9.3f ms  %10.0f tokens/s  %7.1f GFLOP/s executed",
+                   t_ch * 1e3, tokens / t_ch, tokens * heads * fch / t_ch * gf);
+            if (!isnan(sg)) printf(" (%.0f%% of sgemm)", 100 * tokens * heads * fch / t_ch * gf / sg);
+            printf("\n  forward, 1 thread:           %9.3f ms  (scaling x%.2f with %d threads)\n", t_1 * 1e3,
+                   t_1 / t_auto, nthreads);
+            printf("  vs ref (1 thread, T=%ld):     x%.1f faster\n", b.ref_T, t_ref / t_small);
+        }
+        if (do_bwd) {
+            printf("  backward:                    %9.3f ms  %10.0f tokens/s  %7.1f GFLOP/s", t_bwd * 1e3,
+                   tokens / t_bwd, tokens * heads * 3 * frec / t_bwd * gf);
+            if (do_fwd) printf("  (%.2f x forward)", t_bwd / t_auto);
+            printf("\n  backward vs ref (1 thread, T=%ld): x%.1f faster\n", b.ref_T < 128 ? b.ref_T : 128,
+                   t_refbwd / t_smallbwd);
+        }
+        if (do_dec) {
+            const double by1 = 8.0 * b.H * b.K * b.V, byN = by1 * b.N;
+            printf("  decode, 1 sequence:          %9.3f us  %6.1f GB/s  bound %9.3f us (x%.2f of it)\n",
+                   t_dec1 * 1e6, by1 / t_dec1 * gf, s_dec1 * 1e6, t_dec1 / s_dec1);
+            printf("  decode, %ld sequences:%*s %9.3f us  %6.1f GB/s  bound %9.3f us (x%.2f of it)\n", b.N,
+                   b.N < 10 ? 9 : b.N < 100 ? 8 : 7, "", t_decN * 1e6, byN / t_decN * gf, s_decN * 1e6,
+                   t_decN / s_decN);
+        }
+    }
+    kla_close(&ctx), kla_close(&ctx1), kla_close(&ref);
+    return 0;
+}

@@ -1,0 +1,1088 @@
+/*
+ * vk_backend.c: the Vulkan compute backend ("vulkan"), float32.
+ *
+ * One context = one instance, one device, one compute queue, one command buffer. Every
+ * call uploads its inputs, records all dispatches into one command buffer, submits, waits,
+ * and downloads the outputs. Buffers are cached per context (one per binding, grown on
+ * demand). Where the device has host-visible device-local memory and is not discrete
+ * (llvmpipe, integrated GPUs) the buffers are mapped directly; else device-local buffers
+ * are filled and read through one host-visible staging buffer.
+ *
+ * Shaders (../shaders, compiled at build time and embedded), and their workgroups:
+ *   prep         qhat, khat, norms, beta              (token, key head)
+ *   rec_fwd      the recurrence; decode               (V block, value head, sequence),
+ *                                                     an invocation per column of S
+ *   rec_dstate   the state gradient, token by token,  as rec_fwd
+ *                saved at every segment end
+ *   rec_bwd      BPTT of all segments in parallel     (V block, value head, worker)
+ *   bwd_post     sums of partials, chain rules        (token, key head)
+ *   chunk_prep   A = KK^T, (I + A)^-1, w, u           (chunk, value head)
+ *   chunk_state  the sequential pass over chunks      (V block, value head, sequence)
+ *   chunk_out    outputs from each chunk's state      (chunk, value head)
+ * Forward: chunkwise for KLA_ALGO_CHUNK and AUTO (when its tiles fit in shared memory),
+ * else recurrent. Backward (either algorithm): checkpointed forward, rec_dstate, rec_bwd,
+ * bwd_post. Decode: rec_fwd on one token per sequence, the state bound as h0 and ht.
+ * All share one descriptor-set layout (global binding numbers, shaders/common.glsl) and
+ * one push-constant block; sizes are specialization constants.
+ */
+#include <ctype.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <vulkan/vulkan.h>
+
+#include "kla_internal.h"
+
+static const uint32_t spv_prep_sg[] =
+#include "prep_sg.spv.h"
+    ;
+static const uint32_t spv_prep_sh[] =
+#include "prep_sh.spv.h"
+    ;
+static const uint32_t spv_post_sg[] =
+#include "bwd_post_sg.spv.h"
+    ;
+static const uint32_t spv_post_sh[] =
+#include "bwd_post_sh.spv.h"
+    ;
+static const uint32_t spv_rec_fwd[] =
+#include "rec_fwd.spv.h"
+    ;
+static const uint32_t spv_rec_bwd[] =
+#include "rec_bwd.spv.h"
+    ;
+static const uint32_t spv_rec_dstate[] =
+#include "rec_dstate.spv.h"
+    ;
+static const uint32_t spv_chunk_prep[] =
+#include "chunk_prep.spv.h"
+    ;
+static const uint32_t spv_chunk_state[] =
+#include "chunk_state.spv.h"
+    ;
+static const uint32_t spv_chunk_out[] =
+#include "chunk_out.spv.h"
+    ;
+
+enum { SH_PREP, SH_POST, SH_REC_FWD, SH_REC_BWD, SH_REC_DSTATE, SH_CHUNK_PREP, SH_CHUNK_STATE, SH_CHUNK_OUT, NSHADERS };
+
+/* binding numbers: shaders/common.glsl */
+enum {
+    B_Q, B_K, B_V, B_G, B_A, B_H0, B_OFFS, B_O, B_HT, B_QH, B_KH, B_NRM, B_BETA, B_CKPT,
+    B_DO, B_DHT, B_SCR, B_DQP, B_DKP, B_DSP, B_DV, B_DQ, B_DK, B_DG, B_DA, B_DH0,
+    B_W, B_U, B_VN, B_HS, B_GC, B_DCK, NBIND
+};
+
+/* push constants: shaders/common.glsl */
+typedef struct pconst {
+    int32_t N, H, HV, total;
+    int32_t grp, nvb, mode, flags;
+    float scale, eps;
+    int32_t nchunk, pad;
+} pconst;
+
+enum {
+    F_G = 1, F_H0 = 2, F_HT = 4, F_L2Q = 8, F_L2K = 16, F_DHT = 32, F_DH0 = 64, F_DG = 128,
+    F_CKPT = 256
+};
+
+/* ---- validation messages (tests assert there are none) ------------------------------- */
+
+static int g_messages;
+static double g_gpu_ms = -1;
+#define NSTAMPS 10 /* start, then one after each of up to 8 dispatches, end */
+static double g_split_ms[NSTAMPS];
+static int g_nsplit;
+
+/* GPU time of the last call's dispatches (uploads and downloads excluded), ms; -1 if
+ * the device has no timestamps. For benchmarks. */
+double kla__vulkan_last_gpu_ms(void);
+double kla__vulkan_last_gpu_ms(void) { return g_gpu_ms; }
+
+/* GPU time of each dispatch of the last call (ms) into ms[0..max-1]; returns how many. */
+int kla__vulkan_last_gpu_split(double *ms, int max);
+int kla__vulkan_last_gpu_split(double *ms, int max)
+{
+    int n = g_nsplit < max ? g_nsplit : max;
+    for (int i = 0; i < n; i++) ms[i] = g_split_ms[i];
+    return n;
+}
+
+/* Validation-layer warnings and errors seen by this process (KLA_VULKAN_VALIDATION=1). */
+int kla__vulkan_messages(void);
+int kla__vulkan_messages(void) { return g_messages; }
+
+static VKAPI_ATTR VkBool32 VKAPI_CALL on_message(VkDebugUtilsMessageSeverityFlagBitsEXT sev,
+                                                 VkDebugUtilsMessageTypeFlagsEXT type,
+                                                 const VkDebugUtilsMessengerCallbackDataEXT *d,
+                                                 void *user)
+{
+    (void)type, (void)user;
+    g_messages++;
+    fprintf(stderr, "kla vulkan %s: %s\n",
+            sev & VK_DEBUG_UTILS_MESSAGE_SEVERITY_ERROR_BIT_EXT ? "error" : "warning",
+            d && d->pMessage ? d->pMessage : "?");
+    return VK_FALSE;
+}
+
+/* ---- instance and device choice ------------------------------------------------------- */
+
+typedef struct vbuf {
+    VkBuffer buf;
+    VkDeviceMemory mem;
+    VkDeviceSize cap;
+    void *map;
+} vbuf;
+
+#define NPIPES 32
+
+typedef struct vkpipe {
+    int shader;
+    uint32_t spec[5];
+    VkPipeline pipe;
+} vkpipe;
+
+typedef struct vkctx {
+    VkInstance inst;
+    VkDebugUtilsMessengerEXT messenger;
+    VkPhysicalDevice pd;
+    VkDevice dev;
+    VkQueue queue;
+    uint32_t qfam;
+    VkCommandPool pool;
+    VkCommandBuffer cb;
+    VkFence fence;
+    VkQueryPool timer; /* two timestamps around the dispatches, when the queue has them */
+    double tick_ns;
+    VkDescriptorSetLayout dsl;
+    VkPipelineLayout pl;
+    VkDescriptorPool dpool;
+    VkDescriptorSet set;
+    VkShaderModule mod[NSHADERS];
+    vkpipe pipes[NPIPES];
+    int npipes;
+    VkPhysicalDeviceProperties props;
+    VkPhysicalDeviceMemoryProperties mem;
+    int direct;   /* buffers mapped directly, no staging */
+    int subgroup; /* subgroup arithmetic in compute shaders */
+    uint32_t dev_type_local, host_type;
+    vbuf b[NBIND];
+    vbuf staging;
+    /* per call: bytes used by each binding, staging transfers */
+    VkDeviceSize used[NBIND];
+    int alias[NBIND]; /* binding -> buffer slot (decode binds the state twice) */
+} vkctx;
+
+static int has_ext(const VkExtensionProperties *e, uint32_t n, const char *name)
+{
+    for (uint32_t i = 0; i < n; i++)
+        if (!strcmp(e[i].extensionName, name)) return 1;
+    return 0;
+}
+
+static int env_on(const char *name)
+{
+    const char *s = getenv(name);
+    return s && *s && strcmp(s, "0") != 0;
+}
+
+/* An instance, with portability enumeration when the loader has it and, when asked for
+ * and installed, the validation layer and a messenger counting its messages. */
+static VkResult make_instance(VkInstance *inst, VkDebugUtilsMessengerEXT *messenger, int validate)
+{
+    *inst = VK_NULL_HANDLE;
+    if (messenger) *messenger = VK_NULL_HANDLE;
+    uint32_t ne = 0;
+    VkExtensionProperties *ext = NULL;
+    if (vkEnumerateInstanceExtensionProperties(NULL, &ne, NULL) == VK_SUCCESS && ne) {
+        ext = calloc(ne, sizeof *ext);
+        if (!ext || vkEnumerateInstanceExtensionProperties(NULL, &ne, ext) != VK_SUCCESS) ne = 0;
+    }
+    const char *exts[4];
+    uint32_t nx = 0;
+    VkInstanceCreateFlags flags = 0;
+#ifdef VK_KHR_portability_enumeration
+    if (has_ext(ext, ne, VK_KHR_PORTABILITY_ENUMERATION_EXTENSION_NAME)) {
+        exts[nx++] = VK_KHR_PORTABILITY_ENUMERATION_EXTENSION_NAME;
+        flags |= VK_INSTANCE_CREATE_ENUMERATE_PORTABILITY_BIT_KHR;
+    }
+#endif
+    const char *layers[1];
+    uint32_t nl = 0;
+    if (validate && has_ext(ext, ne, VK_EXT_DEBUG_UTILS_EXTENSION_NAME)) {
+        uint32_t nlp = 0;
+        VkLayerProperties *lp = NULL;
+        if (vkEnumerateInstanceLayerProperties(&nlp, NULL) == VK_SUCCESS && nlp &&
+            (lp = calloc(nlp, sizeof *lp)) && vkEnumerateInstanceLayerProperties(&nlp, lp) == VK_SUCCESS)
+            for (uint32_t i = 0; i < nlp; i++)
+                if (!strcmp(lp[i].layerName, "VK_LAYER_KHRONOS_validation")) {
+                    layers[nl++] = "VK_LAYER_KHRONOS_validation";
+                    exts[nx++] = VK_EXT_DEBUG_UTILS_EXTENSION_NAME;
+                    break;
+                }
+        free(lp);
+        if (!nl) fprintf(stderr, "kla vulkan: KLA_VULKAN_VALIDATION set but the validation layer is not installed\n");
+    }
+    free(ext);
+    VkApplicationInfo app = { .sType = VK_STRUCTURE_TYPE_APPLICATION_INFO, .pApplicationName = "kla",
+                              .pEngineName = "kla", .apiVersion = VK_API_VERSION_1_1 };
+    VkDebugUtilsMessengerCreateInfoEXT mi = {
+        .sType = VK_STRUCTURE_TYPE_DEBUG_UTILS_MESSENGER_CREATE_INFO_EXT,
+        .messageSeverity = VK_DEBUG_UTILS_MESSAGE_SEVERITY_WARNING_BIT_EXT |
+                           VK_DEBUG_UTILS_MESSAGE_SEVERITY_ERROR_BIT_EXT,
+        .messageType = VK_DEBUG_UTILS_MESSAGE_TYPE_GENERAL_BIT_EXT |
+                       VK_DEBUG_UTILS_MESSAGE_TYPE_VALIDATION_BIT_EXT |
+                       VK_DEBUG_UTILS_MESSAGE_TYPE_PERFORMANCE_BIT_EXT,
+        .pfnUserCallback = on_message,
+    };
+    VkInstanceCreateInfo ci = { .sType = VK_STRUCTURE_TYPE_INSTANCE_CREATE_INFO,
+                                .pNext = nl ? &mi : NULL, .flags = flags,
+                                .pApplicationInfo = &app, .enabledLayerCount = nl,
+                                .ppEnabledLayerNames = layers, .enabledExtensionCount = nx,
+                                .ppEnabledExtensionNames = exts };
+    VkResult r = vkCreateInstance(&ci, NULL, inst);
+    if (r != VK_SUCCESS) {
+        *inst = VK_NULL_HANDLE;
+        return r;
+    }
+    if (nl && messenger) {
+        PFN_vkCreateDebugUtilsMessengerEXT f =
+            (PFN_vkCreateDebugUtilsMessengerEXT)vkGetInstanceProcAddr(*inst, "vkCreateDebugUtilsMessengerEXT");
+        if (f) f(*inst, &mi, NULL, messenger);
+    }
+    return VK_SUCCESS;
+}
+
+static void destroy_instance(VkInstance inst, VkDebugUtilsMessengerEXT messenger)
+{
+    if (!inst) return;
+    if (messenger) {
+        PFN_vkDestroyDebugUtilsMessengerEXT f =
+            (PFN_vkDestroyDebugUtilsMessengerEXT)vkGetInstanceProcAddr(inst, "vkDestroyDebugUtilsMessengerEXT");
+        if (f) f(inst, messenger, NULL);
+    }
+    vkDestroyInstance(inst, NULL);
+}
+
+/* Physical devices with a compute queue; *out is malloc'ed. */
+static int list_devices(VkInstance inst, VkPhysicalDevice **out)
+{
+    *out = NULL;
+    uint32_t n = 0;
+    if (vkEnumeratePhysicalDevices(inst, &n, NULL) != VK_SUCCESS || !n) return 0;
+    VkPhysicalDevice *pd = calloc(n, sizeof *pd);
+    if (!pd) return 0;
+    if (vkEnumeratePhysicalDevices(inst, &n, pd) < 0) {
+        free(pd);
+        return 0;
+    }
+    *out = pd;
+    return (int)n;
+}
+
+static int compute_family(VkPhysicalDevice pd, uint32_t *fam)
+{
+    uint32_t n = 0;
+    vkGetPhysicalDeviceQueueFamilyProperties(pd, &n, NULL);
+    VkQueueFamilyProperties qp[32];
+    if (n > 32) n = 32;
+    vkGetPhysicalDeviceQueueFamilyProperties(pd, &n, qp);
+    /* a compute-only family first (no graphics work shares it), else any with compute */
+    for (int pass = 0; pass < 2; pass++)
+        for (uint32_t i = 0; i < n; i++)
+            if ((qp[i].queueFlags & VK_QUEUE_COMPUTE_BIT) && qp[i].queueCount &&
+                (pass || !(qp[i].queueFlags & VK_QUEUE_GRAPHICS_BIT))) {
+                *fam = i;
+                return 1;
+            }
+    return 0;
+}
+
+static const char *type_name(VkPhysicalDeviceType t)
+{
+    switch (t) {
+    case VK_PHYSICAL_DEVICE_TYPE_DISCRETE_GPU: return "discrete";
+    case VK_PHYSICAL_DEVICE_TYPE_INTEGRATED_GPU: return "integrated";
+    case VK_PHYSICAL_DEVICE_TYPE_VIRTUAL_GPU: return "virtual";
+    case VK_PHYSICAL_DEVICE_TYPE_CPU: return "cpu";
+    default: return "other";
+    }
+}
+
+static int type_rank(VkPhysicalDeviceType t)
+{
+    switch (t) {
+    case VK_PHYSICAL_DEVICE_TYPE_DISCRETE_GPU: return 4;
+    case VK_PHYSICAL_DEVICE_TYPE_INTEGRATED_GPU: return 3;
+    case VK_PHYSICAL_DEVICE_TYPE_VIRTUAL_GPU: return 2;
+    case VK_PHYSICAL_DEVICE_TYPE_CPU: return 1;
+    default: return 0;
+    }
+}
+
+static int contains_ci(const char *hay, const char *needle)
+{
+    for (; *hay; hay++) {
+        size_t i = 0;
+        while (needle[i] && hay[i] && tolower((unsigned char)hay[i]) == tolower((unsigned char)needle[i])) i++;
+        if (!needle[i]) return 1;
+    }
+    return 0;
+}
+
+/* The device index: KlaParams.gpu_device, else env KLA_VULKAN_DEVICE (an index or a name
+ * substring), else discrete > integrated > virtual > cpu. -1 if none fits. */
+static int choose_device(VkPhysicalDevice *pd, int n, int want, char *err, size_t errlen)
+{
+    const char *env = getenv("KLA_VULKAN_DEVICE");
+    if (want < 0 && env && *env) {
+        char *end;
+        long v = strtol(env, &end, 10);
+        if (!*end) want = (int)v;
+        else {
+            for (int i = 0; i < n; i++) {
+                VkPhysicalDeviceProperties pr;
+                vkGetPhysicalDeviceProperties(pd[i], &pr);
+                uint32_t f;
+                if (contains_ci(pr.deviceName, env) && compute_family(pd[i], &f)) return i;
+            }
+            snprintf(err, errlen, "KLA_VULKAN_DEVICE=%s matches no device", env);
+            return -1;
+        }
+    }
+    uint32_t fam;
+    if (want >= 0) {
+        if (want >= n || !compute_family(pd[want], &fam)) {
+            snprintf(err, errlen, "Vulkan device %d does not exist or has no compute queue", want);
+            return -1;
+        }
+        return want;
+    }
+    int best = -1, rank = -1;
+    for (int i = 0; i < n; i++) {
+        VkPhysicalDeviceProperties pr;
+        vkGetPhysicalDeviceProperties(pd[i], &pr);
+        if (pr.apiVersion < VK_API_VERSION_1_1 || !compute_family(pd[i], &fam)) continue;
+        if (type_rank(pr.deviceType) > rank) best = i, rank = type_rank(pr.deviceType);
+    }
+    if (best < 0) snprintf(err, errlen, "no Vulkan 1.1 device with a compute queue");
+    return best;
+}
+
+static int g_usable = -1;
+
+static int vk_usable(void)
+{
+    if (g_usable >= 0) return g_usable;
+    VkInstance inst;
+    g_usable = 0;
+    if (make_instance(&inst, NULL, 0) != VK_SUCCESS) return 0;
+    VkPhysicalDevice *pd;
+    int n = list_devices(inst, &pd);
+    char err[128];
+    g_usable = n > 0 && choose_device(pd, n, -1, err, sizeof err) >= 0;
+    free(pd);
+    destroy_instance(inst, VK_NULL_HANDLE);
+    return g_usable;
+}
+
+int kla_vulkan_devices(char *buf, size_t len)
+{
+    if (buf && len) buf[0] = 0;
+    VkInstance inst;
+    if (make_instance(&inst, NULL, 0) != VK_SUCCESS) return KLA_ENODEV;
+    VkPhysicalDevice *pd;
+    int n = list_devices(inst, &pd);
+    size_t used = 0;
+    for (int i = 0; i < n; i++) {
+        VkPhysicalDeviceProperties pr;
+        vkGetPhysicalDeviceProperties(pd[i], &pr);
+        if (buf && used < len) {
+            int w = snprintf(buf + used, len - used, "%d: %s (%s)\n", i, pr.deviceName, type_name(pr.deviceType));
+            if (w > 0) used += (size_t)w < len - used ? (size_t)w : len - used - 1;
+        }
+    }
+    free(pd);
+    destroy_instance(inst, VK_NULL_HANDLE);
+    return n > 0 ? n : KLA_ENODEV;
+}
+
+/* ---- buffers --------------------------------------------------------------------------- */
+
+static int find_type(const vkctx *c, uint32_t bits, VkMemoryPropertyFlags want)
+{
+    for (uint32_t i = 0; i < c->mem.memoryTypeCount; i++)
+        if ((bits & (1u << i)) && (c->mem.memoryTypes[i].propertyFlags & want) == want) return (int)i;
+    return -1;
+}
+
+static void buf_free(vkctx *c, vbuf *b)
+{
+    if (b->map) vkUnmapMemory(c->dev, b->mem);
+    if (b->buf) vkDestroyBuffer(c->dev, b->buf, NULL);
+    if (b->mem) vkFreeMemory(c->dev, b->mem, NULL);
+    memset(b, 0, sizeof *b);
+}
+
+/* b holds at least `bytes`; host-visible (mapped) when host, else device-local. */
+static int buf_ensure(vkctx *c, vbuf *b, VkDeviceSize bytes, int host)
+{
+    if (bytes < 256) bytes = 256;
+    if (b->buf && b->cap >= bytes) return 0;
+    buf_free(c, b);
+    bytes = (bytes + 4095) & ~(VkDeviceSize)4095;
+    VkBufferCreateInfo bi = { .sType = VK_STRUCTURE_TYPE_BUFFER_CREATE_INFO, .size = bytes,
+                              .usage = VK_BUFFER_USAGE_STORAGE_BUFFER_BIT |
+                                       VK_BUFFER_USAGE_TRANSFER_SRC_BIT | VK_BUFFER_USAGE_TRANSFER_DST_BIT,
+                              .sharingMode = VK_SHARING_MODE_EXCLUSIVE };
+    VkResult r = vkCreateBuffer(c->dev, &bi, NULL, &b->buf);
+    if (r != VK_SUCCESS) {
+        b->buf = VK_NULL_HANDLE;
+        return KLA_ENOMEM;
+    }
+    VkMemoryRequirements mr;
+    vkGetBufferMemoryRequirements(c->dev, b->buf, &mr);
+    int type = -1;
+    if (host) {
+        type = find_type(c, mr.memoryTypeBits, VK_MEMORY_PROPERTY_HOST_VISIBLE_BIT |
+                                                  VK_MEMORY_PROPERTY_HOST_COHERENT_BIT |
+                                                  VK_MEMORY_PROPERTY_HOST_CACHED_BIT);
+        if (type < 0)
+            type = find_type(c, mr.memoryTypeBits, VK_MEMORY_PROPERTY_HOST_VISIBLE_BIT |
+                                                      VK_MEMORY_PROPERTY_HOST_COHERENT_BIT);
+    } else {
+        type = find_type(c, mr.memoryTypeBits, VK_MEMORY_PROPERTY_DEVICE_LOCAL_BIT);
+    }
+    VkMemoryAllocateInfo ai = { .sType = VK_STRUCTURE_TYPE_MEMORY_ALLOCATE_INFO,
+                                .allocationSize = mr.size, .memoryTypeIndex = (uint32_t)type };
+    if (type < 0 || vkAllocateMemory(c->dev, &ai, NULL, &b->mem) != VK_SUCCESS) {
+        b->mem = VK_NULL_HANDLE;
+        buf_free(c, b);
+        return KLA_ENOMEM;
+    }
+    if (vkBindBufferMemory(c->dev, b->buf, b->mem, 0) != VK_SUCCESS ||
+        (host && vkMapMemory(c->dev, b->mem, 0, VK_WHOLE_SIZE, 0, &b->map) != VK_SUCCESS)) {
+        b->map = NULL;
+        buf_free(c, b);
+        return KLA_EIO;
+    }
+    b->cap = bytes;
+    return 0;
+}
+
+/* ---- pipelines --------------------------------------------------------------------------- */
+
+static VkPipeline get_pipe(vkctx *c, int shader, uint32_t s0, uint32_t s1, uint32_t s2,
+                           uint32_t s3, uint32_t s4)
+{
+    const uint32_t spec[5] = { s0, s1, s2, s3, s4 };
+    for (int i = 0; i < c->npipes; i++)
+        if (c->pipes[i].shader == shader && !memcmp(c->pipes[i].spec, spec, sizeof spec))
+            return c->pipes[i].pipe;
+    if (c->npipes == NPIPES) { /* full: drop the oldest */
+        vkDestroyPipeline(c->dev, c->pipes[0].pipe, NULL);
+        memmove(c->pipes, c->pipes + 1, (NPIPES - 1) * sizeof c->pipes[0]);
+        c->npipes--;
+    }
+    VkSpecializationMapEntry me[5];
+    for (uint32_t i = 0; i < 5; i++) me[i] = (VkSpecializationMapEntry){ i, i * 4, 4 };
+    VkSpecializationInfo si = { 5, me, sizeof spec, spec };
+    VkComputePipelineCreateInfo ci = {
+        .sType = VK_STRUCTURE_TYPE_COMPUTE_PIPELINE_CREATE_INFO,
+        .stage = { .sType = VK_STRUCTURE_TYPE_PIPELINE_SHADER_STAGE_CREATE_INFO,
+                   .stage = VK_SHADER_STAGE_COMPUTE_BIT, .module = c->mod[shader],
+                   .pName = "main", .pSpecializationInfo = &si },
+        .layout = c->pl,
+    };
+    VkPipeline p = VK_NULL_HANDLE;
+    if (vkCreateComputePipelines(c->dev, VK_NULL_HANDLE, 1, &ci, NULL, &p) != VK_SUCCESS)
+        return VK_NULL_HANDLE;
+    c->pipes[c->npipes++] = (vkpipe){ shader, { s0, s1, s2, s3, s4 }, p };
+    return p;
+}
+
+/* ---- context --------------------------------------------------------------------------- */
+
+static void vk_close(void *state)
+{
+    vkctx *c = state;
+    if (!c) return;
+    if (c->dev) {
+        vkDeviceWaitIdle(c->dev);
+        for (int i = 0; i < c->npipes; i++) vkDestroyPipeline(c->dev, c->pipes[i].pipe, NULL);
+        for (int i = 0; i < NSHADERS; i++)
+            if (c->mod[i]) vkDestroyShaderModule(c->dev, c->mod[i], NULL);
+        for (int i = 0; i < NBIND; i++) buf_free(c, &c->b[i]);
+        buf_free(c, &c->staging);
+        if (c->dpool) vkDestroyDescriptorPool(c->dev, c->dpool, NULL);
+        if (c->pl) vkDestroyPipelineLayout(c->dev, c->pl, NULL);
+        if (c->dsl) vkDestroyDescriptorSetLayout(c->dev, c->dsl, NULL);
+        if (c->fence) vkDestroyFence(c->dev, c->fence, NULL);
+        if (c->timer) vkDestroyQueryPool(c->dev, c->timer, NULL);
+        if (c->pool) vkDestroyCommandPool(c->dev, c->pool, NULL);
+        vkDestroyDevice(c->dev, NULL);
+    }
+    destroy_instance(c->inst, c->messenger);
+    free(c);
+}
+
+#define CHECK(call, what)                                                                        \
+    do {                                                                                         \
+        VkResult vr_ = (call);                                                                   \
+        if (vr_ != VK_SUCCESS) {                                                                 \
+            snprintf(err, errlen, "Vulkan: %s failed (%d)", what, (int)vr_);                     \
+            vk_close(c);                                                                         \
+            return vr_ == VK_ERROR_OUT_OF_HOST_MEMORY || vr_ == VK_ERROR_OUT_OF_DEVICE_MEMORY   \
+                       ? KLA_ENOMEM                                                              \
+                       : KLA_ENODEV;                                                             \
+        }                                                                                        \
+    } while (0)
+
+static int vk_open(void **state, const KlaParams *params, char *err, size_t errlen)
+{
+    *state = NULL;
+    vkctx *c = calloc(1, sizeof *c);
+    if (!c) return KLA_ENOMEM;
+    CHECK(make_instance(&c->inst, &c->messenger, env_on("KLA_VULKAN_VALIDATION")), "vkCreateInstance");
+    VkPhysicalDevice *pd;
+    int n = list_devices(c->inst, &pd);
+    int idx = n > 0 ? choose_device(pd, n, params ? params->gpu_device : -1, err, errlen) : -1;
+    if (idx < 0) {
+        free(pd);
+        vk_close(c);
+        return KLA_ENODEV;
+    }
+    c->pd = pd[idx];
+    free(pd);
+    compute_family(c->pd, &c->qfam);
+    vkGetPhysicalDeviceProperties(c->pd, &c->props);
+    vkGetPhysicalDeviceMemoryProperties(c->pd, &c->mem);
+    VkPhysicalDeviceSubgroupProperties sg = { .sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_SUBGROUP_PROPERTIES };
+    VkPhysicalDeviceProperties2 p2 = { .sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_PROPERTIES_2, .pNext = &sg };
+    vkGetPhysicalDeviceProperties2(c->pd, &p2);
+    c->subgroup = (sg.supportedStages & VK_SHADER_STAGE_COMPUTE_BIT) &&
+                  (sg.supportedOperations & VK_SUBGROUP_FEATURE_ARITHMETIC_BIT) &&
+                  (sg.supportedOperations & VK_SUBGROUP_FEATURE_BASIC_BIT) && sg.subgroupSize >= 4 &&
+                  !env_on("KLA_VULKAN_NO_SUBGROUP");
+    /* map everything directly unless the device is discrete (where device-local memory
+     * read by the host crosses the bus) */
+    c->direct = c->props.deviceType != VK_PHYSICAL_DEVICE_TYPE_DISCRETE_GPU;
+    if (c->direct) {
+        int ok = 0;
+        for (uint32_t i = 0; i < c->mem.memoryTypeCount; i++) {
+            VkMemoryPropertyFlags f = c->mem.memoryTypes[i].propertyFlags;
+            if ((f & VK_MEMORY_PROPERTY_HOST_VISIBLE_BIT) && (f & VK_MEMORY_PROPERTY_HOST_COHERENT_BIT)) ok = 1;
+        }
+        c->direct = ok;
+    }
+    if (c->props.limits.maxPerStageDescriptorStorageBuffers < NBIND) {
+        snprintf(err, errlen, "Vulkan device allows %u storage buffers per stage, needs %d",
+                 c->props.limits.maxPerStageDescriptorStorageBuffers, NBIND);
+        vk_close(c);
+        return KLA_ENODEV;
+    }
+
+    const float prio = 1.0f;
+    VkDeviceQueueCreateInfo qi = { .sType = VK_STRUCTURE_TYPE_DEVICE_QUEUE_CREATE_INFO,
+                                   .queueFamilyIndex = c->qfam, .queueCount = 1, .pQueuePriorities = &prio };
+    VkDeviceCreateInfo di = { .sType = VK_STRUCTURE_TYPE_DEVICE_CREATE_INFO, .queueCreateInfoCount = 1,
+                              .pQueueCreateInfos = &qi };
+    CHECK(vkCreateDevice(c->pd, &di, NULL, &c->dev), "vkCreateDevice");
+    vkGetDeviceQueue(c->dev, c->qfam, 0, &c->queue);
+
+    VkCommandPoolCreateInfo pci = { .sType = VK_STRUCTURE_TYPE_COMMAND_POOL_CREATE_INFO,
+                                    .flags = VK_COMMAND_POOL_CREATE_RESET_COMMAND_BUFFER_BIT,
+                                    .queueFamilyIndex = c->qfam };
+    CHECK(vkCreateCommandPool(c->dev, &pci, NULL, &c->pool), "vkCreateCommandPool");
+    VkCommandBufferAllocateInfo cai = { .sType = VK_STRUCTURE_TYPE_COMMAND_BUFFER_ALLOCATE_INFO,
+                                        .commandPool = c->pool, .level = VK_COMMAND_BUFFER_LEVEL_PRIMARY,
+                                        .commandBufferCount = 1 };
+    CHECK(vkAllocateCommandBuffers(c->dev, &cai, &c->cb), "vkAllocateCommandBuffers");
+    VkFenceCreateInfo fi = { .sType = VK_STRUCTURE_TYPE_FENCE_CREATE_INFO };
+    CHECK(vkCreateFence(c->dev, &fi, NULL, &c->fence), "vkCreateFence");
+    {
+        uint32_t nf = 0;
+        VkQueueFamilyProperties qp[32];
+        vkGetPhysicalDeviceQueueFamilyProperties(c->pd, &nf, NULL);
+        if (nf > 32) nf = 32;
+        vkGetPhysicalDeviceQueueFamilyProperties(c->pd, &nf, qp);
+        VkQueryPoolCreateInfo qci = { .sType = VK_STRUCTURE_TYPE_QUERY_POOL_CREATE_INFO,
+                                      .queryType = VK_QUERY_TYPE_TIMESTAMP, .queryCount = NSTAMPS };
+        if (c->qfam < nf && qp[c->qfam].timestampValidBits && c->props.limits.timestampPeriod > 0 &&
+            vkCreateQueryPool(c->dev, &qci, NULL, &c->timer) == VK_SUCCESS)
+            c->tick_ns = c->props.limits.timestampPeriod;
+        else
+            c->timer = VK_NULL_HANDLE;
+    }
+
+    VkDescriptorSetLayoutBinding lb[NBIND];
+    for (int i = 0; i < NBIND; i++)
+        lb[i] = (VkDescriptorSetLayoutBinding){ (uint32_t)i, VK_DESCRIPTOR_TYPE_STORAGE_BUFFER, 1,
+                                                VK_SHADER_STAGE_COMPUTE_BIT, NULL };
+    VkDescriptorSetLayoutCreateInfo lci = { .sType = VK_STRUCTURE_TYPE_DESCRIPTOR_SET_LAYOUT_CREATE_INFO,
+                                            .bindingCount = NBIND, .pBindings = lb };
+    CHECK(vkCreateDescriptorSetLayout(c->dev, &lci, NULL, &c->dsl), "vkCreateDescriptorSetLayout");
+    VkPushConstantRange pr = { VK_SHADER_STAGE_COMPUTE_BIT, 0, sizeof(pconst) };
+    VkPipelineLayoutCreateInfo plci = { .sType = VK_STRUCTURE_TYPE_PIPELINE_LAYOUT_CREATE_INFO,
+                                        .setLayoutCount = 1, .pSetLayouts = &c->dsl,
+                                        .pushConstantRangeCount = 1, .pPushConstantRanges = &pr };
+    CHECK(vkCreatePipelineLayout(c->dev, &plci, NULL, &c->pl), "vkCreatePipelineLayout");
+    VkDescriptorPoolSize ps = { VK_DESCRIPTOR_TYPE_STORAGE_BUFFER, NBIND };
+    VkDescriptorPoolCreateInfo dpci = { .sType = VK_STRUCTURE_TYPE_DESCRIPTOR_POOL_CREATE_INFO,
+                                        .maxSets = 1, .poolSizeCount = 1, .pPoolSizes = &ps };
+    CHECK(vkCreateDescriptorPool(c->dev, &dpci, NULL, &c->dpool), "vkCreateDescriptorPool");
+    VkDescriptorSetAllocateInfo dsai = { .sType = VK_STRUCTURE_TYPE_DESCRIPTOR_SET_ALLOCATE_INFO,
+                                         .descriptorPool = c->dpool, .descriptorSetCount = 1,
+                                         .pSetLayouts = &c->dsl };
+    CHECK(vkAllocateDescriptorSets(c->dev, &dsai, &c->set), "vkAllocateDescriptorSets");
+
+    struct { const uint32_t *code; size_t size; } src[NSHADERS] = {
+        [SH_PREP] = { c->subgroup ? spv_prep_sg : spv_prep_sh, c->subgroup ? sizeof spv_prep_sg : sizeof spv_prep_sh },
+        [SH_POST] = { c->subgroup ? spv_post_sg : spv_post_sh, c->subgroup ? sizeof spv_post_sg : sizeof spv_post_sh },
+        [SH_REC_FWD] = { spv_rec_fwd, sizeof spv_rec_fwd },
+        [SH_REC_BWD] = { spv_rec_bwd, sizeof spv_rec_bwd },
+        [SH_REC_DSTATE] = { spv_rec_dstate, sizeof spv_rec_dstate },
+        [SH_CHUNK_PREP] = { spv_chunk_prep, sizeof spv_chunk_prep },
+        [SH_CHUNK_STATE] = { spv_chunk_state, sizeof spv_chunk_state },
+        [SH_CHUNK_OUT] = { spv_chunk_out, sizeof spv_chunk_out },
+    };
+    for (int i = 0; i < NSHADERS; i++) {
+        VkShaderModuleCreateInfo mci = { .sType = VK_STRUCTURE_TYPE_SHADER_MODULE_CREATE_INFO,
+                                         .codeSize = src[i].size, .pCode = src[i].code };
+        CHECK(vkCreateShaderModule(c->dev, &mci, NULL, &c->mod[i]), "vkCreateShaderModule");
+    }
+    /* every binding gets a buffer, so a descriptor set is always fully written */
+    for (int i = 0; i < NBIND; i++)
+        if (buf_ensure(c, &c->b[i], 256, c->direct)) {
+            snprintf(err, errlen, "Vulkan: out of device memory");
+            vk_close(c);
+            return KLA_ENOMEM;
+        }
+    *state = c;
+    return 0;
+}
+
+/* ---- one call: uploads, dispatches, downloads ---------------------------------------- */
+
+typedef struct xfer {
+    int bind;
+    void *host; /* source (upload) or destination (download) */
+    VkDeviceSize bytes, off; /* off: in the staging buffer */
+} xfer;
+
+typedef struct call {
+    vkctx *c;
+    xfer up[16], down[16];
+    int nup, ndown;
+    int recording;
+    uint32_t nstamp; /* timestamps written */
+} call;
+
+/* Binding `bind` holds `bytes` for this call. */
+static int need(call *k, int bind, VkDeviceSize bytes)
+{
+    vkctx *c = k->c;
+    if (bytes > c->props.limits.maxStorageBufferRange) return KLA_ENOMEM;
+    int r = buf_ensure(c, &c->b[bind], bytes, c->direct);
+    if (!r) c->used[bind] = bytes;
+    return r;
+}
+
+static int upload(call *k, int bind, const void *host, VkDeviceSize bytes)
+{
+    int r = need(k, bind, bytes);
+    if (r || !host) return r;
+    k->up[k->nup++] = (xfer){ bind, (void *)host, bytes, 0 };
+    return 0;
+}
+
+static int download(call *k, int bind, void *host, VkDeviceSize bytes)
+{
+    if (!host) return 0;
+    k->down[k->ndown++] = (xfer){ bind, host, bytes, 0 };
+    return 0;
+}
+
+static void barrier(VkCommandBuffer cb, VkPipelineStageFlags src, VkAccessFlags sa,
+                    VkPipelineStageFlags dst, VkAccessFlags da)
+{
+    VkMemoryBarrier mb = { .sType = VK_STRUCTURE_TYPE_MEMORY_BARRIER, .srcAccessMask = sa, .dstAccessMask = da };
+    vkCmdPipelineBarrier(cb, src, dst, 0, 1, &mb, 0, NULL, 0, NULL);
+}
+
+/* Writes the descriptor set, copies the uploads, begins the command buffer. */
+static int begin(call *k)
+{
+    vkctx *c = k->c;
+    VkDeviceSize st = 0;
+    for (int i = 0; i < k->nup; i++) k->up[i].off = st, st += (k->up[i].bytes + 255) & ~(VkDeviceSize)255;
+    for (int i = 0; i < k->ndown; i++) k->down[i].off = st, st += (k->down[i].bytes + 255) & ~(VkDeviceSize)255;
+    if (!c->direct && st && buf_ensure(c, &c->staging, st, 1)) return KLA_ENOMEM;
+    for (int i = 0; i < k->nup; i++) {
+        const xfer *x = &k->up[i];
+        void *dst = c->direct ? c->b[x->bind].map : (char *)c->staging.map + x->off;
+        memcpy(dst, x->host, (size_t)x->bytes);
+    }
+    VkDescriptorBufferInfo bi[NBIND];
+    VkWriteDescriptorSet w[NBIND];
+    for (int i = 0; i < NBIND; i++) {
+        const int s = c->alias[i];
+        VkDeviceSize range = c->used[s] ? c->used[s] : 256;
+        bi[i] = (VkDescriptorBufferInfo){ c->b[s].buf, 0, range };
+        w[i] = (VkWriteDescriptorSet){ .sType = VK_STRUCTURE_TYPE_WRITE_DESCRIPTOR_SET, .dstSet = c->set,
+                                       .dstBinding = (uint32_t)i, .descriptorCount = 1,
+                                       .descriptorType = VK_DESCRIPTOR_TYPE_STORAGE_BUFFER, .pBufferInfo = &bi[i] };
+    }
+    vkUpdateDescriptorSets(c->dev, NBIND, w, 0, NULL);
+    VkCommandBufferBeginInfo cbi = { .sType = VK_STRUCTURE_TYPE_COMMAND_BUFFER_BEGIN_INFO,
+                                     .flags = VK_COMMAND_BUFFER_USAGE_ONE_TIME_SUBMIT_BIT };
+    if (vkResetCommandBuffer(c->cb, 0) != VK_SUCCESS || vkBeginCommandBuffer(c->cb, &cbi) != VK_SUCCESS)
+        return KLA_EIO;
+    k->recording = 1;
+    if (!c->direct && k->nup) {
+        for (int i = 0; i < k->nup; i++) {
+            VkBufferCopy bc = { k->up[i].off, 0, k->up[i].bytes };
+            vkCmdCopyBuffer(c->cb, c->staging.buf, c->b[k->up[i].bind].buf, 1, &bc);
+        }
+        barrier(c->cb, VK_PIPELINE_STAGE_TRANSFER_BIT, VK_ACCESS_TRANSFER_WRITE_BIT,
+                VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, VK_ACCESS_SHADER_READ_BIT | VK_ACCESS_SHADER_WRITE_BIT);
+    }
+    vkCmdBindDescriptorSets(c->cb, VK_PIPELINE_BIND_POINT_COMPUTE, c->pl, 0, 1, &c->set, 0, NULL);
+    if (c->timer) {
+        vkCmdResetQueryPool(c->cb, c->timer, 0, NSTAMPS);
+        vkCmdWriteTimestamp(c->cb, VK_PIPELINE_STAGE_TOP_OF_PIPE_BIT, c->timer, 0);
+        k->nstamp = 1;
+    }
+    return 0;
+}
+
+/* Records one dispatch, then a barrier so the next one sees its writes. gx may be large:
+ * it is folded into x and y (the shaders use flat_group() where that matters). */
+static int dispatch(call *k, VkPipeline p, const pconst *pc, uint64_t gx, uint32_t gy, uint32_t gz)
+{
+    vkctx *c = k->c;
+    if (!p) return KLA_EIO;
+    if (!gx || !gy || !gz) return 0;
+    const uint32_t maxx = c->props.limits.maxComputeWorkGroupCount[0];
+    uint32_t x = (uint32_t)gx, y = gy;
+    if (gx > maxx) { /* only for 1-D grids */
+        if (gy != 1) return KLA_ENOMEM;
+        x = maxx;
+        y = (uint32_t)((gx + maxx - 1) / maxx);
+    }
+    if (y > c->props.limits.maxComputeWorkGroupCount[1] || gz > c->props.limits.maxComputeWorkGroupCount[2])
+        return KLA_ENOMEM;
+    vkCmdBindPipeline(c->cb, VK_PIPELINE_BIND_POINT_COMPUTE, p);
+    vkCmdPushConstants(c->cb, c->pl, VK_SHADER_STAGE_COMPUTE_BIT, 0, sizeof *pc, pc);
+    vkCmdDispatch(c->cb, x, y, gz);
+    if (c->timer && k->nstamp < NSTAMPS - 1)
+        vkCmdWriteTimestamp(c->cb, VK_PIPELINE_STAGE_BOTTOM_OF_PIPE_BIT, c->timer, k->nstamp++);
+    barrier(c->cb, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, VK_ACCESS_SHADER_WRITE_BIT,
+            VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, VK_ACCESS_SHADER_READ_BIT | VK_ACCESS_SHADER_WRITE_BIT);
+    return 0;
+}
+
+/* Downloads, submits, waits, copies the outputs out. */
+static int finish(call *k)
+{
+    vkctx *c = k->c;
+    if (c->timer) vkCmdWriteTimestamp(c->cb, VK_PIPELINE_STAGE_BOTTOM_OF_PIPE_BIT, c->timer, k->nstamp++);
+    if (!c->direct && k->ndown) {
+        barrier(c->cb, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, VK_ACCESS_SHADER_WRITE_BIT,
+                VK_PIPELINE_STAGE_TRANSFER_BIT, VK_ACCESS_TRANSFER_READ_BIT);
+        for (int i = 0; i < k->ndown; i++) {
+            VkBufferCopy bc = { 0, k->down[i].off, k->down[i].bytes };
+            vkCmdCopyBuffer(c->cb, c->b[c->alias[k->down[i].bind]].buf, c->staging.buf, 1, &bc);
+        }
+        barrier(c->cb, VK_PIPELINE_STAGE_TRANSFER_BIT, VK_ACCESS_TRANSFER_WRITE_BIT,
+                VK_PIPELINE_STAGE_HOST_BIT, VK_ACCESS_HOST_READ_BIT);
+    } else {
+        barrier(c->cb, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, VK_ACCESS_SHADER_WRITE_BIT,
+                VK_PIPELINE_STAGE_HOST_BIT, VK_ACCESS_HOST_READ_BIT);
+    }
+    k->recording = 0;
+    if (vkEndCommandBuffer(c->cb) != VK_SUCCESS) return KLA_EIO;
+    VkSubmitInfo si = { .sType = VK_STRUCTURE_TYPE_SUBMIT_INFO, .commandBufferCount = 1, .pCommandBuffers = &c->cb };
+    if (vkResetFences(c->dev, 1, &c->fence) != VK_SUCCESS ||
+        vkQueueSubmit(c->queue, 1, &si, c->fence) != VK_SUCCESS ||
+        vkWaitForFences(c->dev, 1, &c->fence, VK_TRUE, UINT64_MAX) != VK_SUCCESS)
+        return KLA_EIO;
+    uint64_t ts[NSTAMPS];
+    g_gpu_ms = -1;
+    g_nsplit = 0;
+    if (c->timer && k->nstamp >= 2 &&
+        vkGetQueryPoolResults(c->dev, c->timer, 0, k->nstamp, sizeof ts, ts, 8, VK_QUERY_RESULT_64_BIT) == VK_SUCCESS) {
+        g_gpu_ms = (double)(ts[k->nstamp - 1] - ts[0]) * c->tick_ns * 1e-6;
+        for (uint32_t i = 1; i + 1 < k->nstamp; i++) g_split_ms[g_nsplit++] = (double)(ts[i] - ts[i - 1]) * c->tick_ns * 1e-6;
+    }
+    for (int i = 0; i < k->ndown; i++) {
+        const xfer *x = &k->down[i];
+        const void *src = c->direct ? c->b[c->alias[x->bind]].map : (char *)c->staging.map + x->off;
+        memcpy(x->host, src, (size_t)x->bytes);
+    }
+    return 0;
+}
+
+/* Ends a failed call: a command buffer left recording is ended and never submitted. */
+static int abandon(call *k, int r)
+{
+    if (k->recording) vkEndCommandBuffer(k->c->cb);
+    k->recording = 0;
+    return r;
+}
+
+/* ---- sizes and common setup ------------------------------------------------------------- */
+
+/* Invocations (= columns of S) per recurrent workgroup: 32, fewer when V is small. */
+static uint32_t rec_wg(int64_t V)
+{
+    uint32_t w = 32;
+    while (w > 1 && w / 2 >= V) w /= 2;
+    return w;
+}
+
+typedef struct plan {
+    pconst pc;
+    int64_t N, total, H, HV, K, V;
+    uint32_t wg, nvb, ck, bwg;  /* forward columns per group; checkpoint interval; bwd group */
+    int64_t nseg;               /* checkpoint slots (or chunks) over all sequences */
+    int32_t *offs;
+    int64_t noffs;
+} plan;
+
+static int make_plan(vkctx *c, const kla_problem *p, int backward, uint32_t chunk, plan *P)
+{
+    memset(P, 0, sizeof *P);
+    P->N = p->N, P->total = p->total, P->H = p->H, P->HV = p->HV, P->K = p->K, P->V = p->V;
+    /* 32-bit indices in the shaders; S columns of K floats in registers; V columns of a
+     * head in one workgroup */
+    if (p->total >= INT32_MAX / 2 || p->N >= INT32_MAX / 4 || p->K > 256 || p->V > 1024)
+        return KLA_ENOMEM;
+    const uint32_t shm = c->props.limits.maxComputeSharedMemorySize;
+    P->wg = rec_wg(p->V);
+    P->ck = chunk ? chunk : 16;
+    P->bwg = P->wg;
+    if (backward) {
+        /* rec_bwd's shared memory: q, k, alpha, beta of CK tokens, a K x (WG+1) tile, 2 WG */
+        for (;;) {
+            uint64_t bytes = 4ull * (2ull * P->ck * p->K + 2 * P->ck + (uint64_t)p->K * (P->bwg + 1) + 2 * P->bwg);
+            if (bytes <= shm) break;
+            if (P->bwg > 8) P->bwg /= 2;
+            else if (P->ck > 4) P->ck /= 2;
+            else if (P->bwg > 1) P->bwg /= 2;
+            else return KLA_ENOMEM;
+        }
+    }
+    const uint32_t wv = backward ? P->bwg : P->wg;
+    P->nvb = (uint32_t)((p->V + wv - 1) / wv);
+    int64_t seg = 0;
+    for (int64_t n = 0; n < p->N; n++) seg += (p->cu[n + 1] - p->cu[n] + P->ck - 1) / P->ck;
+    P->nseg = seg;
+    /* cu, first segment (chunk) of each sequence, and with chunk: [start, end) per chunk */
+    P->noffs = 2 * p->N + 2 + (chunk ? 2 * seg : 0);
+    if (P->noffs >= INT32_MAX / 4 || !(P->offs = malloc((size_t)P->noffs * sizeof *P->offs)))
+        return KLA_ENOMEM;
+    seg = 0;
+    for (int64_t n = 0; n <= p->N; n++) {
+        P->offs[n] = (int32_t)p->cu[n];
+        P->offs[p->N + 1 + n] = (int32_t)seg;
+        if (n == p->N) break;
+        for (int64_t t = p->cu[n]; t < p->cu[n + 1]; t += P->ck, seg++)
+            if (chunk) {
+                P->offs[2 * p->N + 2 + 2 * seg] = (int32_t)t;
+                P->offs[2 * p->N + 3 + 2 * seg] = (int32_t)(t + P->ck < p->cu[n + 1] ? t + P->ck : p->cu[n + 1]);
+            }
+    }
+    P->pc = (pconst){ .N = (int32_t)p->N, .H = (int32_t)p->H, .HV = (int32_t)p->HV,
+                      .total = (int32_t)p->total, .grp = (int32_t)(p->HV / p->H),
+                      .nvb = (int32_t)P->nvb, .mode = p->mode == KLA_MODE_GDN,
+                      .flags = (p->l2norm_q ? F_L2Q : 0) | (p->l2norm_k ? F_L2K : 0),
+                      .scale = (float)p->scale, .eps = (float)p->eps };
+    return 0;
+}
+
+static void reset_bindings(vkctx *c)
+{
+    for (int i = 0; i < NBIND; i++) c->used[i] = 0, c->alias[i] = i;
+}
+
+/* prep: qhat, khat, norms, beta. q, k, a (and the scratch outputs) must be bound. */
+static int run_prep(call *k, const plan *P)
+{
+    vkctx *c = k->c;
+    VkPipeline pp = get_pipe(c, SH_PREP, 64, (uint32_t)P->K, 0, 0, 0);
+    return dispatch(k, pp, &P->pc, (uint64_t)(P->total * P->H), 1, 1);
+}
+
+static int bind_prep(call *k, const plan *P, const float *q, const float *kk, const float *a)
+{
+    const VkDeviceSize f = 4, nq = (VkDeviceSize)(P->total * P->H * P->K) * f;
+    int r;
+    if ((r = upload(k, B_Q, q, nq)) || (r = upload(k, B_K, kk, nq)) ||
+        (r = upload(k, B_A, a, (VkDeviceSize)(P->total * P->HV) * f)) || (r = need(k, B_QH, nq)) ||
+        (r = need(k, B_KH, nq)) || (r = need(k, B_NRM, (VkDeviceSize)(3 * P->total * P->H) * f)) ||
+        (r = need(k, B_BETA, (VkDeviceSize)(P->total * P->HV) * f)))
+        return r;
+    return upload(k, B_OFFS, P->offs, (VkDeviceSize)P->noffs * 4);
+}
+
+/* ---- the entry points ------------------------------------------------------------------------ */
+
+static int vk_forward_impl(vkctx *c, const kla_problem *p, int algo, const float *q,
+                           const float *kk, const float *v, const float *g, const float *a,
+                           const float *h0, float *o, float *ht, int decode)
+{
+    /* the chunkwise kernels unless recurrent was asked for; chunks above 64 tokens are
+     * run as 64 (the same result: the chunk size only groups the arithmetic) */
+    const uint32_t C = p->chunk > 64 ? 64 : (uint32_t)p->chunk;
+    const uint64_t shm_prep = 4ull * ((uint64_t)C * C + C * 9ull + 8ull * p->K + 8ull * p->V + 4ull * C + 256);
+    const uint64_t shm_out = 4ull * ((uint64_t)C * C + C * 18ull + 8ull * p->V + C);
+    const int chunk = !decode && algo != KLA_ALGO_RECURRENT &&
+                      shm_prep <= c->props.limits.maxComputeSharedMemorySize &&
+                      shm_out <= c->props.limits.maxComputeSharedMemorySize;
+    plan P;
+    int r = make_plan(c, p, 0, chunk ? C : 0, &P);
+    if (r) {
+        free(P.offs);
+        return r;
+    }
+    call k = { .c = c };
+    reset_bindings(c);
+    const VkDeviceSize f = 4, nv = (VkDeviceSize)(P.total * P.HV * P.V) * f;
+    const VkDeviceSize nst = (VkDeviceSize)(P.N * P.HV * P.K * P.V) * f;
+    P.pc.flags |= (g ? F_G : 0) | (h0 ? F_H0 : 0) | (ht ? F_HT : 0);
+    if ((r = bind_prep(&k, &P, q, kk, a)) || (r = upload(&k, B_V, v, nv)) ||
+        (r = upload(&k, B_G, g, g ? (VkDeviceSize)(P.total * P.HV) * f : 0)) ||
+        (r = upload(&k, B_H0, h0, h0 ? nst : 0)) || (r = need(&k, B_O, nv)) ||
+        (r = decode ? 0 : need(&k, B_HT, ht ? nst : 0)))
+        goto out;
+    if (decode) c->alias[B_HT] = B_H0; /* the state is read and written in place */
+    download(&k, B_O, o, nv);
+    download(&k, decode ? B_H0 : B_HT, ht, nst);
+
+    const uint32_t shm = c->props.limits.maxComputeSharedMemorySize;
+    uint32_t vb = 16, R = 8;
+    if (chunk) {
+        if (P.nseg > c->props.limits.maxComputeWorkGroupCount[0]) {
+            r = KLA_ENOMEM;
+            goto out;
+        }
+        while (vb > 1 && vb / 2 >= P.V) vb /= 2;
+        /* chunk_state's shared memory: a 16-token tile of w or k, 16 x R x vb partials,
+         * vnew of the chunk, decays */
+        while (R > 1 && (P.K % R || 4ull * (16ull * P.K + 16ull * R * vb + (uint64_t)C * vb + C) > shm)) R /= 2;
+        if ((r = need(&k, B_W, (VkDeviceSize)(P.total * P.HV * P.K) * f)) || (r = need(&k, B_U, nv)) ||
+            (r = need(&k, B_VN, nv)) || (r = need(&k, B_HS, (VkDeviceSize)P.nseg * P.HV * P.K * P.V * f)) ||
+            (r = need(&k, B_GC, (VkDeviceSize)(P.total * P.HV) * f)))
+            goto out;
+    }
+    if ((r = begin(&k)) || (r = run_prep(&k, &P))) goto out;
+    if (chunk) {
+        const uint32_t sp[3] = { (uint32_t)P.K, (uint32_t)P.V, C };
+        if (!(r = dispatch(&k, get_pipe(c, SH_CHUNK_PREP, 256, sp[0], sp[1], sp[2], 0), &P.pc, (uint64_t)P.nseg,
+                           (uint32_t)P.HV, 1)) &&
+            !(r = dispatch(&k, get_pipe(c, SH_CHUNK_STATE, vb * R, sp[0], sp[1], sp[2], R), &P.pc,
+                           (P.V + vb - 1) / vb, (uint32_t)P.HV, (uint32_t)P.N)))
+            r = dispatch(&k, get_pipe(c, SH_CHUNK_OUT, 256, sp[0], sp[1], sp[2], 0), &P.pc, (uint64_t)P.nseg,
+                         (uint32_t)P.HV, 1);
+    } else {
+        uint32_t tb = 8;
+        while (tb > 1 && 4ull * (2ull * tb * P.K + 2 * tb) > c->props.limits.maxComputeSharedMemorySize) tb /= 2;
+        r = dispatch(&k, get_pipe(c, SH_REC_FWD, P.wg, (uint32_t)P.K, (uint32_t)P.V, P.ck, tb), &P.pc,
+                     P.nvb, (uint32_t)P.HV, (uint32_t)P.N);
+    }
+    if (!r) r = finish(&k);
+out:
+    free(P.offs);
+    return abandon(&k, r);
+}
+
+static int vk_forward(void *state, const kla_problem *p, int algo, const void *q, const void *k,
+                      const void *v, const void *g, const void *a, const void *h0, void *o, void *ht)
+{
+    return vk_forward_impl(state, p, algo, q, k, v, g, a, h0, o, ht, 0);
+}
+
+static int vk_decode(void *state, const kla_problem *p, const void *q, const void *k, const void *v,
+                     const void *g, const void *a, void *S, void *o)
+{
+    /* one token per sequence with h0 = ht = the state */
+    return vk_forward_impl(state, p, KLA_ALGO_RECURRENT, q, k, v, g, a, S, o, S, 1);
+}
+
+static int vk_backward(void *state, const kla_problem *p, int algo, const void *q, const void *kk,
+                       const void *v, const void *g, const void *a, const void *h0, const void *dout,
+                       const void *dht, void *o, void *ht, void *dq, void *dk, void *dv, void *dg,
+                       void *da, void *dh0)
+{
+    (void)algo; /* BPTT from checkpoints for both algorithms (the gradients are the same) */
+    vkctx *c = state;
+    plan P;
+    int r = make_plan(c, p, 1, 16, &P);
+    if (r) {
+        free(P.offs);
+        return r;
+    }
+    call k = { .c = c };
+    reset_bindings(c);
+    const VkDeviceSize f = 4, nv = (VkDeviceSize)(P.total * P.HV * P.V) * f;
+    const VkDeviceSize nst = (VkDeviceSize)(P.N * P.HV * P.K * P.V) * f;
+    const VkDeviceSize ns = (VkDeviceSize)(P.total * P.HV) * f;
+    const VkDeviceSize nq = (VkDeviceSize)(P.total * P.H * P.K) * f;
+    const VkDeviceSize npart = (VkDeviceSize)(P.total * P.HV) * P.nvb;
+    /* workers of rec_bwd per (V block, head): enough workgroups to fill a large GPU, as
+     * many replay slices of scratch */
+    const VkDeviceSize slice = (VkDeviceSize)P.HV * P.nvb * P.ck * (VkDeviceSize)P.K * P.bwg * f;
+    uint32_t nw = (uint32_t)(4096 / (P.HV * P.nvb));
+    if (nw < 1) nw = 1;
+    if (nw > P.nseg) nw = P.nseg > 0 ? (uint32_t)P.nseg : 1;
+    while (nw > 1 && (VkDeviceSize)nw * slice > c->props.limits.maxStorageBufferRange) nw /= 2;
+    const VkDeviceSize nscr = nw * slice;
+    const VkDeviceSize nck = (VkDeviceSize)P.nseg * P.HV * P.K * P.V * f;
+    P.pc.nchunk = (int32_t)P.nseg;
+    P.pc.flags |= (g ? F_G : 0) | (h0 ? F_H0 : 0) | F_HT | (dht ? F_DHT : 0) | (dh0 ? F_DH0 : 0) |
+                  (dg ? F_DG : 0);
+    if ((r = bind_prep(&k, &P, q, kk, a)) || (r = upload(&k, B_V, v, nv)) ||
+        (r = upload(&k, B_G, g, g ? ns : 0)) || (r = upload(&k, B_H0, h0, h0 ? nst : 0)) ||
+        (r = upload(&k, B_DO, dout, nv)) || (r = upload(&k, B_DHT, dht, dht ? nst : 0)) ||
+        (r = need(&k, B_O, nv)) || (r = need(&k, B_HT, nst)) ||
+        (r = need(&k, B_CKPT, nck)) || (r = need(&k, B_DCK, nck)) || (r = need(&k, B_SCR, nscr)) ||
+        (r = need(&k, B_DQP, npart * P.K * f)) || (r = need(&k, B_DKP, npart * P.K * f)) ||
+        (r = need(&k, B_DSP, npart * 2 * f)) || (r = need(&k, B_DV, nv)) || (r = need(&k, B_DQ, nq)) ||
+        (r = need(&k, B_DK, nq)) || (r = need(&k, B_DG, dg ? ns : 0)) || (r = need(&k, B_DA, ns)) ||
+        (r = need(&k, B_DH0, dh0 ? nst : 0)))
+        goto out;
+    download(&k, B_O, o, nv);
+    download(&k, B_HT, ht, nst);
+    download(&k, B_DQ, dq, nq);
+    download(&k, B_DK, dk, nq);
+    download(&k, B_DV, dv, nv);
+    download(&k, B_DG, dg, ns);
+    download(&k, B_DA, da, ns);
+    download(&k, B_DH0, dh0, nst);
+    if ((r = begin(&k)) || (r = run_prep(&k, &P))) goto out;
+    /* the forward, saving the state entering every segment of CK tokens */
+    pconst fpc = P.pc;
+    fpc.flags |= F_CKPT;
+    uint32_t tb = 8;
+    while (tb > 1 && 4ull * (2ull * tb * P.K + 2 * tb) > c->props.limits.maxComputeSharedMemorySize) tb /= 2;
+    const uint32_t fnvb = (uint32_t)((P.V + P.wg - 1) / P.wg);
+    if ((r = dispatch(&k, get_pipe(c, SH_REC_FWD, P.wg, (uint32_t)P.K, (uint32_t)P.V, P.ck, tb), &fpc,
+                      fnvb, (uint32_t)P.HV, (uint32_t)P.N)) ||
+        (r = dispatch(&k, get_pipe(c, SH_REC_DSTATE, P.wg, (uint32_t)P.K, (uint32_t)P.V, P.ck, tb), &P.pc,
+                      fnvb, (uint32_t)P.HV, (uint32_t)P.N)) ||
+        (r = dispatch(&k, get_pipe(c, SH_REC_BWD, P.bwg, (uint32_t)P.K, (uint32_t)P.V, P.ck, 0), &P.pc,
+                      P.nvb, (uint32_t)P.HV, nw)) ||
+        (r = dispatch(&k, get_pipe(c, SH_POST, 64, (uint32_t)P.K, 0, 0, 0), &P.pc,
+                      (uint64_t)(P.total * P.H), 1, 1)))
+        goto out;
+    r = finish(&k);
+out:
+    free(P.offs);
+    return abandon(&k, r);
+}
+
+const kla_backend kla_backend_vulkan = { "vulkan", KLA_F32, vk_usable, vk_open, vk_close,
+                                         vk_forward, vk_backward, vk_decode };
