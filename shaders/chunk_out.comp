@@ -102,4 +102,35 @@ void main()
             if (c < V) o_out[(uint(t0 + i) * HV + hv) * uint(V) + uint(c)] = pc.scale * oa[a][b];
         }
     }
+    // chunkwise backward: dvi_j = sum_{i>=j} scale P[i,j] do_i (the part of dvnew that
+    // does not need the state gradient) into ckpt, 8 rows of do at a time
+    if ((pc.flags & F_DVI) != 0) {
+        for (int a = 0; a < RA; a++)
+            for (int b = 0; b < NB; b++) oa[a][b] = 0.0;
+        for (int i0 = 0; i0 < L; i0 += T8) {
+            barrier();
+            for (int x = int(l); x < T8 * V; x += 256) {
+                const int ii = x / V, c = x % V;
+                st[x] = i0 + ii < L ? do_in[(uint(t0 + i0 + ii) * HV + hv) * uint(V) + uint(c)] : 0.0;
+            }
+            barrier();
+            for (int ii = 0; ii < T8; ii++) {
+                float pv[RA];
+                for (int a = 0; a < RA; a++) pv[a] = i0 + ii < C && ty + 8 * a < C ? P[(i0 + ii) * C + ty + 8 * a] : 0.0;
+                for (int b = 0; b < NB; b++) {
+                    const int c = tx + 32 * b;
+                    const float dv = c < V ? st[ii * V + c] : 0.0;
+                    for (int a = 0; a < RA; a++) oa[a][b] += pv[a] * dv;
+                }
+            }
+        }
+        for (int a = 0; a < RA; a++) {
+            const int j = ty + 8 * a;
+            if (j >= L) continue;
+            for (int b = 0; b < NB; b++) {
+                const int c = tx + 32 * b;
+                if (c < V) ckpt[(uint(t0 + j) * HV + hv) * uint(V) + uint(c)] = pc.scale * oa[a][b];
+            }
+        }
+    }
 }

@@ -133,4 +133,9 @@ void main()
             if (c < V) u_buf[(uint(t0 + i) * HV + hv) * uint(V) + uint(c)] = ua[a][b];
         }
     }
+    // the chunkwise backward reads Tm (unit lower, zero outside L x L) again
+    if ((pc.flags & F_TM) != 0) {
+        const uint tb = (cid * HV + hv) * uint(C * C);
+        for (int x = int(l); x < C * C; x += 256) scr[tb + uint(x)] = At[x];
+    }
 }

@@ -20,6 +20,8 @@ layout(push_constant) uniform PC {
 #define F_DH0 64    // write dh0
 #define F_DG 128    // write dg
 #define F_CKPT 256  // forward: save checkpoints
+#define F_TM 512    // chunk_prep: store Tm = (I + A)^-1 of each chunk in scr (chunkwise backward)
+#define F_DVI 1024  // chunk_out: also P^T do into ckpt (chunkwise backward)
 
 layout(std430, binding = 0) restrict readonly buffer Bq { float q_in[]; };
 layout(std430, binding = 1) restrict readonly buffer Bk { float k_in[]; };
@@ -57,6 +59,11 @@ layout(std430, binding = 28) restrict buffer Bvn { float vnew_buf[]; };
 layout(std430, binding = 29) restrict buffer Bhs { float hs_buf[]; };
 layout(std430, binding = 30) restrict buffer BG { float G_buf[]; };
 // backward: dS with respect to the state after each segment's last token [nseg, HV, K, V]
+// (chunkwise backward: after each chunk's last token). The chunkwise backward reuses
+// bindings the recurrent one leaves idle (the device may allow only 32): scr holds Tm
+// [nchunk, HV, C, C], ckpt holds dvnew [total, HV, V] then vt = v - gamma S0^T k
+// [total, HV, V], u_buf is overwritten by du2 = Tm^T dvnew; dq_part, dk_part, dsc_part
+// have one V block (nvb = 1).
 layout(std430, binding = 31) restrict buffer Bdck { float dck[]; };
 
 // Large 1-D grids are folded into x and y (maxComputeWorkGroupCount[0] may be 65535).

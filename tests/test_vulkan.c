@@ -45,6 +45,9 @@ static const tcase cases[] = {
     { "kla K = 96 V = 192", KLA_MODE_KLA, 1, 24, 1, 1, 96, 192, 0, { 0 }, 0, 1, 1, 0, 0, 1, 0, 16, 0 },
     { "kla chunk 128 (run as 64), T = 150", KLA_MODE_KLA, 1, 150, 1, 1, 16, 8, 0, { 0 }, 0, 1, 1, 0, 0, 1, 0, 128, 0 },
     { "gdn K = 96 V = 192 chunk 64", KLA_MODE_GDN, 1, 70, 1, 1, 96, 192, 0, { 0 }, 0, 1, 0, 0, 1, 1, 1, 64, 0 },
+    { "gdn chunk 32, grouped heads, no dht, T = 53", KLA_MODE_GDN, 1, 53, 2, 4, 16, 8, 0, { 0 }, 0, 1, 0, 0, 0, 0, 1, 32, 0 },
+    { "kla cu_seqlens with length-0 sequences, vk layout", KLA_MODE_KLA, 0, 0, 1, 2, 8, 8, 5,
+      { 0, 19, 16, 0, 3 }, 1, 1, 1, 0, 1, 1, 1, 16, 0 },
 };
 
 static int ntest, nfail;
@@ -152,9 +155,11 @@ static void run_case(KlaContext *vk, KlaContext *ref, const tcase *c)
         check(c->name, w, rht, ht, nst, 1e-5);
     }
 
-    /* backward (o, ht, and every gradient) */
-    {
-        opt.algo = KLA_ALGO_AUTO;
+    /* backward (o, ht, and every gradient): recurrent BPTT, and chunkwise (AUTO takes
+     * the chunkwise path too) */
+    for (int al = 0; al < 2; al++) {
+        const char *an = al ? "backward chunk" : "backward recurrent";
+        opt.algo = al ? KLA_ALGO_CHUNK : KLA_ALGO_RECURRENT;
         double *rd[6];
         float *vd[6];
         const size_t sz[6] = { nq, nq, nv, ns, ns, nst };
@@ -174,13 +179,15 @@ static void run_case(KlaContext *vk, KlaContext *ref, const tcase *c)
         int r1 = kla_backward(ref, &s, &opt, &tr), r2 = kla_backward(vk, &s, &opt, &tv);
         if (r1 || r2) {
             fprintf(stderr, "# %s\n", kla_error_detail(r2 ? vk : ref));
-            ok(0, "%s: %s (call failed)", c->name, "backward");
+            ok(0, "%s: %s (call failed)", c->name, an);
         } else {
             char w[64];
-            check(c->name, "backward o", ro, o, nv, 1e-5);
-            check(c->name, "backward ht", rht, ht, nst, 1e-5);
+            snprintf(w, sizeof w, "%s o", an);
+            check(c->name, w, ro, o, nv, 1e-5);
+            snprintf(w, sizeof w, "%s ht", an);
+            check(c->name, w, rht, ht, nst, 1e-5);
             for (int i = 0; i < 6; i++) {
-                snprintf(w, sizeof w, "backward %s", nm[i]);
+                snprintf(w, sizeof w, "%s %s", an, nm[i]);
                 check(c->name, w, rd[i], vd[i], sz[i], 1e-4);
             }
         }
@@ -244,8 +251,8 @@ int main(void)
     printf("# %d Vulkan device(s):\n", nd);
     for (char *line = strtok(devs, "\n"); line; line = strtok(NULL, "\n")) printf("#   %s\n", line);
     const int ncases = (int)(sizeof cases / sizeof cases[0]);
-    /* per case: 2 forwards x 2 tensors, backward 8 tensors, decode 2; + devices + messages */
-    printf("1..%d\n", ncases * 14 + 4);
+    /* per case: 2 forwards x 2 tensors, 2 backwards x 8 tensors, decode 2; + devices + messages */
+    printf("1..%d\n", ncases * 22 + 4);
     ok(nd >= 1, "%s%s", "kla_vulkan_devices lists the device", "");
     {
         /* device choice: a missing index, and a name that matches nothing, fail cleanly */

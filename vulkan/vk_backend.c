@@ -19,8 +19,14 @@
  *   chunk_prep   A = KK^T, (I + A)^-1, w, u           (chunk, value head)
  *   chunk_state  the sequential pass over chunks      (V block, value head, sequence)
  *   chunk_out    outputs from each chunk's state      (chunk, value head)
+ *   chunk_dstate the state gradient, chunk by chunk   (V block, value head, sequence),
+ *                from the last, saved at every chunk  as chunk_state
+ *   chunk_bwdv   du2 = Tm^T dvnew, dv (backward)      (chunk, value head)
+ *   chunk_bwd    dq, dk, dbeta, dg of a chunk         (chunk, value head)
  * Forward: chunkwise for KLA_ALGO_CHUNK and AUTO (when its tiles fit in shared memory),
- * else recurrent. Backward (either algorithm): checkpointed forward, rec_dstate, rec_bwd,
+ * else recurrent. Backward: for KLA_ALGO_CHUNK and AUTO (when the tiles fit) chunkwise,
+ * chunk_prep, chunk_state, chunk_out, chunk_dstate, chunk_bwdv, chunk_bwd, bwd_post
+ * (vk_backward_chunk); for KLA_ALGO_RECURRENT checkpointed forward, rec_dstate, rec_bwd,
  * bwd_post. Decode: rec_fwd on one token per sequence, the state bound as h0 and ht.
  * All share one descriptor-set layout (global binding numbers, shaders/common.glsl) and
  * one push-constant block; sizes are specialization constants.
@@ -65,8 +71,18 @@ static const uint32_t spv_chunk_state[] =
 static const uint32_t spv_chunk_out[] =
 #include "chunk_out.spv.h"
     ;
+static const uint32_t spv_chunk_dstate[] =
+#include "chunk_dstate.spv.h"
+    ;
+static const uint32_t spv_chunk_bwdv[] =
+#include "chunk_bwdv.spv.h"
+    ;
+static const uint32_t spv_chunk_bwd[] =
+#include "chunk_bwd.spv.h"
+    ;
 
-enum { SH_PREP, SH_POST, SH_REC_FWD, SH_REC_BWD, SH_REC_DSTATE, SH_CHUNK_PREP, SH_CHUNK_STATE, SH_CHUNK_OUT, NSHADERS };
+enum { SH_PREP, SH_POST, SH_REC_FWD, SH_REC_BWD, SH_REC_DSTATE, SH_CHUNK_PREP, SH_CHUNK_STATE, SH_CHUNK_OUT,
+       SH_CHUNK_DSTATE, SH_CHUNK_BWDV, SH_CHUNK_BWD, NSHADERS };
 
 /* binding numbers: shaders/common.glsl */
 enum {
@@ -85,7 +101,7 @@ typedef struct pconst {
 
 enum {
     F_G = 1, F_H0 = 2, F_HT = 4, F_L2Q = 8, F_L2K = 16, F_DHT = 32, F_DH0 = 64, F_DG = 128,
-    F_CKPT = 256
+    F_CKPT = 256, F_TM = 512, F_DVI = 1024
 };
 
 /* ---- validation messages (tests assert there are none) ------------------------------- */
@@ -142,6 +158,7 @@ typedef struct vkpipe {
     int shader;
     uint32_t spec[5];
     VkPipeline pipe;
+    uint32_t epoch; /* the call that last used it */
 } vkpipe;
 
 typedef struct vkctx {
@@ -163,6 +180,7 @@ typedef struct vkctx {
     VkShaderModule mod[NSHADERS];
     vkpipe pipes[NPIPES];
     int npipes;
+    uint32_t epoch; /* calls recorded so far */
     VkPhysicalDeviceProperties props;
     VkPhysicalDeviceMemoryProperties mem;
     int direct;   /* buffers mapped directly, no staging */
@@ -479,11 +497,17 @@ static VkPipeline get_pipe(vkctx *c, int shader, uint32_t s0, uint32_t s1, uint3
 {
     const uint32_t spec[5] = { s0, s1, s2, s3, s4 };
     for (int i = 0; i < c->npipes; i++)
-        if (c->pipes[i].shader == shader && !memcmp(c->pipes[i].spec, spec, sizeof spec))
+        if (c->pipes[i].shader == shader && !memcmp(c->pipes[i].spec, spec, sizeof spec)) {
+            c->pipes[i].epoch = c->epoch;
             return c->pipes[i].pipe;
-    if (c->npipes == NPIPES) { /* full: drop the oldest */
-        vkDestroyPipeline(c->dev, c->pipes[0].pipe, NULL);
-        memmove(c->pipes, c->pipes + 1, (NPIPES - 1) * sizeof c->pipes[0]);
+        }
+    if (c->npipes == NPIPES) {
+        /* full: drop the oldest that the command buffer being recorded does not use
+         * (earlier calls have completed; a call uses fewer than NPIPES pipelines) */
+        int v = 0;
+        while (v < NPIPES - 1 && c->pipes[v].epoch == c->epoch) v++;
+        vkDestroyPipeline(c->dev, c->pipes[v].pipe, NULL);
+        memmove(c->pipes + v, c->pipes + v + 1, (size_t)(NPIPES - 1 - v) * sizeof c->pipes[0]);
         c->npipes--;
     }
     VkSpecializationMapEntry me[5];
@@ -499,7 +523,7 @@ static VkPipeline get_pipe(vkctx *c, int shader, uint32_t s0, uint32_t s1, uint3
     VkPipeline p = VK_NULL_HANDLE;
     if (vkCreateComputePipelines(c->dev, VK_NULL_HANDLE, 1, &ci, NULL, &p) != VK_SUCCESS)
         return VK_NULL_HANDLE;
-    c->pipes[c->npipes++] = (vkpipe){ shader, { s0, s1, s2, s3, s4 }, p };
+    c->pipes[c->npipes++] = (vkpipe){ shader, { s0, s1, s2, s3, s4 }, p, c->epoch };
     return p;
 }
 
@@ -647,6 +671,9 @@ static int vk_open(void **state, const KlaParams *params, char *err, size_t errl
         [SH_CHUNK_PREP] = { spv_chunk_prep, sizeof spv_chunk_prep },
         [SH_CHUNK_STATE] = { spv_chunk_state, sizeof spv_chunk_state },
         [SH_CHUNK_OUT] = { spv_chunk_out, sizeof spv_chunk_out },
+        [SH_CHUNK_DSTATE] = { spv_chunk_dstate, sizeof spv_chunk_dstate },
+        [SH_CHUNK_BWDV] = { spv_chunk_bwdv, sizeof spv_chunk_bwdv },
+        [SH_CHUNK_BWD] = { spv_chunk_bwd, sizeof spv_chunk_bwd },
     };
     for (int i = 0; i < NSHADERS; i++) {
         VkShaderModuleCreateInfo mci = { .sType = VK_STRUCTURE_TYPE_SHADER_MODULE_CREATE_INFO,
@@ -741,6 +768,7 @@ static int begin(call *k)
     if (vkResetCommandBuffer(c->cb, 0) != VK_SUCCESS || vkBeginCommandBuffer(c->cb, &cbi) != VK_SUCCESS)
         return KLA_EIO;
     k->recording = 1;
+    c->epoch++; /* pipelines fetched from here on are used by this command buffer */
     if (!c->direct && k->nup) {
         for (int i = 0; i < k->nup; i++) {
             VkBufferCopy bc = { k->up[i].off, 0, k->up[i].bytes };
@@ -1012,13 +1040,117 @@ static int vk_decode(void *state, const kla_problem *p, const void *q, const voi
     return vk_forward_impl(state, p, KLA_ALGO_RECURRENT, q, k, v, g, a, S, o, S, 1);
 }
 
+/*
+ * The chunkwise backward (ref/kla_ref.c section 6), for KLA_ALGO_CHUNK and AUTO:
+ *   prep, chunk_prep (also storing Tm), chunk_state (the state entering each chunk, in
+ *   hs), chunk_out (o, and dvi = P^T do into ckpt), chunk_dstate (sequential over chunks:
+ *   dS leaving each chunk into dck, dvnew, dh0), chunk_bwdv (du2 = Tm^T dvnew, dv,
+ *   vt = v - gamma S0^T k), chunk_bwd (dq, dk, dbeta, dg of every chunk in parallel),
+ *   bwd_post (sum over the value heads of a key head, chain rules of beta and l2norm).
+ * The chunk is the largest power of two <= min(chunk_size, 64) whose tiles fit in shared
+ * memory (the result does not depend on it beyond rounding). NO_CHUNK_FIT (positive, not
+ * an error code) when none fits:
+ * the caller falls back to the recurrent backward.
+ */
+#define NO_CHUNK_FIT 1
+static int vk_backward_chunk(vkctx *c, const kla_problem *p, const void *q, const void *kk,
+                             const void *v, const void *g, const void *a, const void *h0,
+                             const void *dout, const void *dht, void *o, void *ht, void *dq,
+                             void *dk, void *dv, void *dg, void *da, void *dh0)
+{
+    const uint64_t shm = c->props.limits.maxComputeSharedMemorySize;
+    uint32_t C = 64;
+    while (C > (uint32_t)p->chunk && C > 1) C /= 2;
+    for (;; C /= 2) {
+        const uint64_t prep = 4ull * ((uint64_t)C * C + C * 9ull + 8ull * p->K + 8ull * p->V + 4ull * C + 256);
+        const uint64_t out = 4ull * ((uint64_t)C * C + C * 18ull + 8ull * p->V + C);
+        const uint64_t bwd = 4ull * (2ull * C * C + 8ull * C + 512);
+        if (prep <= shm && out <= shm && bwd <= shm) break;
+        if (C <= 4) return NO_CHUNK_FIT;
+    }
+    uint32_t vb = 16, R = 8; /* chunk_state, as in the forward */
+    while (vb > 1 && vb / 2 >= p->V) vb /= 2;
+    while (R > 1 && (p->K % R || 4ull * (16ull * p->K + 16ull * R * vb + (uint64_t)C * vb + C) > shm)) R /= 2;
+    if (4ull * (16ull * p->K + 16ull * R * vb + (uint64_t)C * vb + C) > shm) return NO_CHUNK_FIT;
+    /* chunk_dstate: two 8-token tiles of K-sized rows, 8 x R x db partials, dvnew and do
+     * of the chunk (C x db each), decays */
+    uint32_t db = vb, R2 = 8;
+    while (R2 > 1 && p->K % R2) R2 /= 2;
+    while (4ull * (16ull * p->K + 8ull * R2 * db + 2ull * C * db + C) > shm) {
+        if (R2 > 1) R2 /= 2;
+        else if (db > 1) db /= 2;
+        else return NO_CHUNK_FIT;
+    }
+    plan P;
+    int r = make_plan(c, p, 0, C, &P);
+    if (r) {
+        free(P.offs);
+        return r;
+    }
+    call k = { .c = c };
+    reset_bindings(c);
+    const VkDeviceSize f = 4, nv = (VkDeviceSize)(P.total * P.HV * P.V) * f;
+    const VkDeviceSize nst = (VkDeviceSize)(P.N * P.HV * P.K * P.V) * f;
+    const VkDeviceSize ns = (VkDeviceSize)(P.total * P.HV) * f;
+    const VkDeviceSize nq = (VkDeviceSize)(P.total * P.H * P.K) * f;
+    const VkDeviceSize nkv = (VkDeviceSize)(P.total * P.HV * P.K) * f;
+    const VkDeviceSize nch = (VkDeviceSize)P.nseg * P.HV * P.K * P.V * f;
+    P.pc.nvb = 1;
+    P.pc.nchunk = (int32_t)P.nseg;
+    P.pc.flags |= (g ? F_G : 0) | (h0 ? F_H0 : 0) | F_HT | (dht ? F_DHT : 0) | (dh0 ? F_DH0 : 0) |
+                  (dg ? F_DG : 0) | F_TM | F_DVI;
+    if (P.nseg > c->props.limits.maxComputeWorkGroupCount[0]) {
+        r = KLA_ENOMEM;
+        goto out;
+    }
+    if ((r = bind_prep(&k, &P, q, kk, a)) || (r = upload(&k, B_V, v, nv)) ||
+        (r = upload(&k, B_G, g, g ? ns : 0)) || (r = upload(&k, B_H0, h0, h0 ? nst : 0)) ||
+        (r = upload(&k, B_DO, dout, nv)) || (r = upload(&k, B_DHT, dht, dht ? nst : 0)) ||
+        (r = need(&k, B_O, nv)) || (r = need(&k, B_HT, nst)) || (r = need(&k, B_W, nkv)) ||
+        (r = need(&k, B_U, nv)) || (r = need(&k, B_VN, nv)) || (r = need(&k, B_HS, nch)) ||
+        (r = need(&k, B_GC, ns)) || (r = need(&k, B_SCR, (VkDeviceSize)P.nseg * P.HV * C * C * f)) ||
+        (r = need(&k, B_CKPT, 2 * nv)) || (r = need(&k, B_DCK, nch)) || (r = need(&k, B_DQP, nkv)) ||
+        (r = need(&k, B_DKP, nkv)) || (r = need(&k, B_DSP, 2 * ns)) || (r = need(&k, B_DV, nv)) ||
+        (r = need(&k, B_DQ, nq)) || (r = need(&k, B_DK, nq)) || (r = need(&k, B_DG, dg ? ns : 0)) ||
+        (r = need(&k, B_DA, ns)) || (r = need(&k, B_DH0, dh0 ? nst : 0)))
+        goto out;
+    download(&k, B_O, o, nv);
+    download(&k, B_HT, ht, nst);
+    download(&k, B_DQ, dq, nq);
+    download(&k, B_DK, dk, nq);
+    download(&k, B_DV, dv, nv);
+    download(&k, B_DG, dg, ns);
+    download(&k, B_DA, da, ns);
+    download(&k, B_DH0, dh0, nst);
+    const uint32_t K = (uint32_t)P.K, V = (uint32_t)P.V, HV = (uint32_t)P.HV;
+    if ((r = begin(&k)) || (r = run_prep(&k, &P)) ||
+        (r = dispatch(&k, get_pipe(c, SH_CHUNK_PREP, 256, K, V, C, 0), &P.pc, (uint64_t)P.nseg, HV, 1)) ||
+        (r = dispatch(&k, get_pipe(c, SH_CHUNK_STATE, vb * R, K, V, C, R), &P.pc, (P.V + vb - 1) / vb, HV,
+                      (uint32_t)P.N)) ||
+        (r = dispatch(&k, get_pipe(c, SH_CHUNK_OUT, 256, K, V, C, 0), &P.pc, (uint64_t)P.nseg, HV, 1)) ||
+        (r = dispatch(&k, get_pipe(c, SH_CHUNK_DSTATE, db * R2, K, V, C, R2), &P.pc, (P.V + db - 1) / db, HV,
+                      (uint32_t)P.N)) ||
+        (r = dispatch(&k, get_pipe(c, SH_CHUNK_BWDV, 256, K, V, C, 0), &P.pc, (uint64_t)P.nseg, HV, 1)) ||
+        (r = dispatch(&k, get_pipe(c, SH_CHUNK_BWD, 256, K, V, C, 0), &P.pc, (uint64_t)P.nseg, HV, 1)) ||
+        (r = dispatch(&k, get_pipe(c, SH_POST, 64, K, 0, 0, 0), &P.pc, (uint64_t)(P.total * P.H), 1, 1)))
+        goto out;
+    r = finish(&k);
+out:
+    free(P.offs);
+    return abandon(&k, r);
+}
+
 static int vk_backward(void *state, const kla_problem *p, int algo, const void *q, const void *kk,
                        const void *v, const void *g, const void *a, const void *h0, const void *dout,
                        const void *dht, void *o, void *ht, void *dq, void *dk, void *dv, void *dg,
                        void *da, void *dh0)
 {
-    (void)algo; /* BPTT from checkpoints for both algorithms (the gradients are the same) */
     vkctx *c = state;
+    if (algo != KLA_ALGO_RECURRENT) {
+        int r = vk_backward_chunk(c, p, q, kk, v, g, a, h0, dout, dht, o, ht, dq, dk, dv, dg, da, dh0);
+        if (r != NO_CHUNK_FIT) return r;
+    }
+    /* BPTT from checkpoints: KLA_ALGO_RECURRENT, or chunk tiles that do not fit */
     plan P;
     int r = make_plan(c, p, 1, 16, &P);
     if (r) {
