@@ -31,20 +31,12 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "python"))
 
 import kla_np  # noqa: E402
+from tap import Tap  # noqa: E402
 from kla.safetensors import load, save  # noqa: E402
 
-_n = _failed = 0
 
 
-def tap(ok, name, diag=()):
-    global _n, _failed
-    _n += 1
-    _failed += not ok
-    print(f"{'ok' if ok else 'not ok'} {_n} - {name}")
-    for line in diag:
-        for sub in str(line).splitlines() or [""]:
-            print(f"# {sub}")
-    sys.stdout.flush()
+tap = Tap()
 
 
 def run(cmd, **kw):
@@ -207,8 +199,7 @@ def main():
         verify_one_off(kla, gdir, tmp, "kla_B1_T2_H1_HV1_K2_V1_spec6", "o", lambda x: 1)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"1..{_n}")
-    return 1 if _failed else 0
+    return tap.finish()
 
 
 if __name__ == "__main__":

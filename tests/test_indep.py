@@ -28,23 +28,9 @@ sys.path.insert(0, os.path.join(HERE, "..", "python"))
 
 import kla_np  # noqa: E402
 from kla.safetensors import load, save  # noqa: E402
+from tap import Tap  # noqa: E402
 
-# --------------------------------------------------------------------------- TAP
-
-_n = 0
-_failed = 0
-
-
-def tap(ok, name, diag=()):
-    global _n, _failed
-    _n += 1
-    if not ok:
-        _failed += 1
-    print(f"{'ok' if ok else 'not ok'} {_n} - {name}")
-    for line in diag:
-        for sub in str(line).splitlines() or [""]:
-            print(f"# {sub}")
-    sys.stdout.flush()
+tap = Tap()
 
 
 # --------------------------------------------------------------------------- metric
@@ -415,9 +401,8 @@ def main():
             command_tests(os.path.abspath(args.kla), tmp)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    print(f"1..{_n}")
-    print(f"# {_n - _failed}/{_n} passed in {time.time() - t0:.1f} s")
-    return 1 if _failed else 0
+    print(f"# {tap.n - tap.failed}/{tap.n} passed in {time.time() - t0:.1f} s")
+    return tap.finish()
 
 
 if __name__ == "__main__":

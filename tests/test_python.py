@@ -16,18 +16,11 @@ import tempfile
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-_n = _failed = 0
+sys.path.insert(0, HERE)
+from tap import Tap  # noqa: E402
 
 
-def tap(ok, name, diag=()):
-    global _n, _failed
-    _n += 1
-    _failed += not ok
-    print(f"{'ok' if ok else 'not ok'} {_n} - {name}")
-    for line in diag:
-        for sub in str(line).splitlines() or [""]:
-            print(f"# {sub}")
-    sys.stdout.flush()
+tap = Tap()
 
 
 class Wrapped:
@@ -131,8 +124,7 @@ def main():
         # ctypes
         have_lib = False
         if a.no_lib:
-            print(f"ok {_n + 1} - kla.forward/backward # SKIP --no-lib (sanitizer build)")
-            globals()["_n"] += 1
+            tap.skip("kla.forward/backward", "--no-lib (sanitizer build)")
         else:
             try:
                 kla.library()
@@ -174,8 +166,7 @@ def main():
                             "--no-deps", "--no-index", "--target", target, pipsrc],
                            capture_output=True, text=True)
         if r.returncode and "No module named pip" in r.stderr:
-            print(f"ok {_n + 1} - pip install ./python # SKIP no pip")
-            globals()["_n"] += 1
+            tap.skip("pip install ./python", "no pip")
         else:
             chk = subprocess.run([sys.executable, "-c",
                                   "import kla, sys; print(kla.__file__); "
@@ -189,8 +180,7 @@ def main():
                 [] if ok else [r.stdout[-1500:], r.stderr[-1500:], chk.stdout, chk.stderr])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"1..{_n}")
-    return 1 if _failed else 0
+    return tap.finish()
 
 
 if __name__ == "__main__":
