@@ -12,7 +12,13 @@
  * (sequence, value head) pairs; no two items write the same output element and every
  * reduction runs in a fixed order inside one item (value heads sharing a key head write
  * separate dq/dk buffers, summed per token in head order afterwards), so results are
- * bit-identical for any thread count.
+ * bit-identical for any thread count. Finer items where pairs are few: the recurrent
+ * forward splits a pair's state by columns; the chunkwise forward and the backward, with
+ * fewer pairs than threads, prepare all chunks in parallel (and the backward runs the
+ * part of each chunk that does not depend on the state gradient in parallel), and split
+ * the state pass by columns (chunk_fwd_split); decode splits the states into equal
+ * ranges of column blocks, one per thread. Each split computes every output element with
+ * the same operations in the same order, so the bits stay independent of the threads.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -124,6 +130,83 @@ static int pick_algo(int algo, const kla_problem *p)
     return algo == KLA_ALGO_AUTO ? KLA_ALGO_RECURRENT : algo;
 }
 
+static int64_t nchunks(const kla_problem *p, int64_t n)
+{
+    return (p->cu[n + 1] - p->cu[n] + p->chunk - 1) / p->chunk;
+}
+
+/* column ranges for splitting a state pass over threads: `split` ranges of `per` slabs of
+ * SIMD_COLS columns (the last one shorter), enough that pairs x ranges >= threads */
+static void col_split(const kla_problem *p, int64_t nh, int nt, int64_t *split, int64_t *per)
+{
+    const int64_t nb = (p->V + SIMD_COLS - 1) / SIMD_COLS;
+    int64_t sp = (nt + nh - 1) / nh;
+    if (sp > nb) sp = nb;
+    if (sp < 1) sp = 1;
+    *per = (nb + sp - 1) / sp;
+    *split = (nb + *per - 1) / *per;
+}
+
+static void col_range(const kla_problem *p, int64_t r, int64_t per, int64_t *j0, int64_t *j1)
+{
+    *j0 = r * per * SIMD_COLS;
+    *j1 = (r + 1) * per * SIMD_COLS < p->V ? (r + 1) * per * SIMD_COLS : p->V;
+}
+
+/*
+ * Chunkwise forward with fewer (sequence, head) pairs than threads. Once a chunk's
+ * state-independent part is prepared (chunk_prep: KK^T, A, the forward substitutions for
+ * w and u, P), the columns of the state evolve independently. So, in windows of wc chunks
+ * per pair (the prepared blocks stay a bounded size): all threads prepare the window's
+ * (pair, chunk) items, then all threads advance (pair, column range) items of the state
+ * through the window. The same code prepares a chunk on either path, and gemm() computes
+ * each column the same way for any column range starting at a multiple of SIMD_COLS, so
+ * the results are bit-identical to the plain path's and for any thread count.
+ */
+static int chunk_fwd_split(simd_state *s, const simd_job *J, int nt)
+{
+    const kla_problem *p = J->p;
+    const simd_kernels *kern = s->kern;
+    const int64_t nh = p->N * p->HV, C = p->chunk, K = p->K, V = p->V;
+    int64_t maxch = 0, split, per;
+    for (int64_t n = 0; n < p->N; n++)
+        if (nchunks(p, n) > maxch) maxch = nchunks(p, n);
+    col_split(p, nh, nt, &split, &per);
+    /* windows of at least 8 chunks per thread and 16 per pair: each window costs two
+     * barriers, where a thread that the OS has descheduled holds up all the others */
+    int64_t wc = (8 * (int64_t)nt + nh - 1) / nh;
+    if (wc < 16) wc = 16;
+    if (wc > maxch) wc = maxch > 0 ? maxch : 1;
+    const int64_t wsz = (simd_chunk_work_floats(C, K, V) + 15) / 16 * 16;
+    const int64_t ssz = simd_chunk_save_floats(C, K, V), kv = (K * V + 15) / 16 * 16;
+    int64_t total = nt * wsz + nh * wc * ssz + nh * kv;
+    float *buf = scratch(s, 1, &total);
+    if (!buf) return KLA_ENOMEM;
+    float *save = buf + nt * wsz, *states = save + nh * wc * ssz;
+    OMP(omp parallel num_threads(nt))
+    {
+        float *work = buf + thread_id() * wsz;
+        for (int64_t c0 = 0; c0 < (maxch > 0 ? maxch : 1); c0 += wc) {
+            OMP(omp for schedule(dynamic, 1))
+            for (int64_t it = 0; it < nh * wc; it++) {
+                const int64_t pair = it / wc, c = c0 + it % wc, n = pair / p->HV;
+                if (c < nchunks(p, n)) kern->chunk_prep(J, n, pair % p->HV, c, work, save + it * ssz);
+            }
+            OMP(omp for schedule(dynamic, 1))
+            for (int64_t it = 0; it < nh * split; it++) {
+                const int64_t pair = it / split, n = pair / p->HV, nc = nchunks(p, n);
+                const int64_t c1 = c0 + wc < nc ? c0 + wc : nc;
+                int64_t j0, j1;
+                col_range(p, it % split, per, &j0, &j1);
+                if (c0 == 0 || c0 < nc)
+                    kern->chunk_fwd(J, n, pair % p->HV, c0, c1, j0, j1, states + pair * kv, work,
+                                    save + pair * wc * ssz, SIMD_PREPARED);
+            }
+        }
+    }
+    return 0;
+}
+
 static int simd_forward(void *state, const kla_problem *p, int algo, const void *q,
                         const void *k, const void *v, const void *g, const void *a,
                         const void *h0, void *o, void *ht)
@@ -132,9 +215,10 @@ static int simd_forward(void *state, const kla_problem *p, int algo, const void 
     const simd_kernels *kern = s->kern;
     const simd_job J = { .p = p, .q = q, .k = k, .v = v, .g = g, .a = a, .h0 = h0, .o = o, .ht = ht };
     const int nt = nthreads(s, p), rec = pick_algo(algo, p) == KLA_ALGO_RECURRENT;
+    const int64_t nh = p->N * p->HV, nb = (p->V + SIMD_COLS - 1) / SIMD_COLS;
+    if (!rec && nh < nt) return chunk_fwd_split(s, &J, nt);
     /* recurrent: with fewer than 4 (sequence, head) pairs per thread, split each pair's
      * state into column ranges too, so that one slow thread weighs less */
-    const int64_t nh = p->N * p->HV, nb = (p->V + SIMD_COLS - 1) / SIMD_COLS;
     int64_t split = rec ? (4 * (int64_t)nt + nh - 1) / nh : 1;
     if (split > nb) split = nb;
     const int64_t per = (nb + split - 1) / split;
@@ -147,8 +231,9 @@ static int simd_forward(void *state, const kla_problem *p, int algo, const void 
     for (int64_t it = 0; it < items; it++) {
         float *work = buf + thread_id() * each;
         const int64_t pair = it / split, b0 = it % split * per, b1 = b0 + per < nb ? b0 + per : nb;
-        if (rec) kern->rec_fwd(&J, pair / p->HV, pair % p->HV, b0, b1, work);
-        else kern->chunk_fwd(&J, pair / p->HV, pair % p->HV, work, NULL);
+        const int64_t n = pair / p->HV, hv = pair % p->HV;
+        if (rec) kern->rec_fwd(&J, n, hv, b0, b1, work);
+        else kern->chunk_fwd(&J, n, hv, 0, nchunks(p, n), 0, p->V, NULL, work, NULL, 0);
     }
     return 0;
 }
@@ -159,11 +244,21 @@ static int simd_decode(void *state, const kla_problem *p, const void *q, const v
     const simd_state *s = state;
     const simd_kernels *kern = s->kern;
     const simd_job J = { .p = p, .q = q, .k = k, .v = v, .g = g, .a = a, .o = o, .ht = S };
-    const int64_t items = p->N * p->HV;
-    const int nt = nthreads(s, p);
-    (void)nt;
-    OMP(omp parallel for num_threads(nt) schedule(static) if (items > 1))
-    for (int64_t it = 0; it < items; it++) kern->decode(&J, it / p->HV, it % p->HV);
+    /* units of decode_cols columns of one state, split into equal contiguous ranges (one
+     * per thread: the kernel pipelines the units of its range); no more threads than
+     * units, none at all for one unit */
+    const int64_t units = p->N * p->HV * ((p->V + kern->decode_cols - 1) / kern->decode_cols);
+    int64_t nt = nthreads(s, p);
+    if (nt > units) nt = units;
+    if (nt <= 1) {
+        kern->decode(&J, 0, units);
+        return 0;
+    }
+    OMP(omp parallel num_threads((int)nt))
+    {
+        const int64_t t = thread_id();
+        kern->decode(&J, units * t / nt, units * (t + 1) / nt);
+    }
     return 0;
 }
 
@@ -196,21 +291,64 @@ static int simd_backward(void *state, const kla_problem *p, int algo, const void
                          .ht = ht, .dout = dout, .dht = dht, .dqv = dqv, .dkv = dkv,
                          .dv = dv, .dg = dgb, .dbeta = da, .dh0 = dh0 };
     const int nt = nthreads(s, p);
-    const int64_t items = p->N * HV;
+    const int64_t items = p->N * HV, C = p->chunk;
     int64_t maxch = 1;
-    for (int64_t n = 0; n < p->N; n++) {
-        const int64_t c = (p->cu[n + 1] - p->cu[n] + p->chunk - 1) / p->chunk;
-        if (c > maxch) maxch = c;
-    }
-    const int64_t wsz = (simd_chunk_work_floats(p->chunk, K, p->V) + 15) / 16 * 16;
-    int64_t each = wsz + maxch * simd_chunk_save_floats(p->chunk, K, p->V);
-    float *buf = scratch(s, nt, &each);
-    int fail = !buf;
-    OMP(omp parallel for num_threads(nt) schedule(dynamic, 1))
-    for (int64_t it = 0; it < (buf ? items : 0); it++) {
-        float *work = buf + thread_id() * each, *save = work + wsz;
-        kern->chunk_fwd(&J, it / HV, it % HV, work, save);
-        kern->chunk_bwd(&J, it / HV, it % HV, work, save);
+    for (int64_t n = 0; n < p->N; n++)
+        if (nchunks(p, n) > maxch) maxch = nchunks(p, n);
+    const int64_t wsz = (simd_chunk_work_floats(C, K, p->V) + 15) / 16 * 16;
+    const int64_t ssz = simd_chunk_save_floats(C, K, p->V);
+    int fail;
+    if (items < nt) {
+        /* fewer pairs than threads: all threads prepare the chunks (chunk_prep) of all
+         * pairs, then run the forward state pass by (pair, column range) as
+         * chunk_fwd_split does, keeping the state entering each chunk; then each pair's
+         * backward. Bit-identical to the other path, for the reasons given there. */
+        int64_t split, per;
+        col_split(p, items, nt, &split, &per);
+        const int64_t kv = (K * p->V + 15) / 16 * 16, psz = simd_chunk_pre_floats(C, K, p->V);
+        int64_t total = nt * wsz + items * maxch * (ssz + psz) + items * kv;
+        float *buf = scratch(s, 1, &total);
+        fail = !buf;
+        float *save = buf ? buf + nt * wsz : NULL, *states = save ? save + items * maxch * ssz : NULL;
+        float *pre = states ? states + items * kv : NULL;
+        OMP(omp parallel num_threads(nt) if (buf))
+        {
+            float *work = buf + thread_id() * wsz;
+            OMP(omp for schedule(dynamic, 1))
+            for (int64_t it = 0; it < (buf ? items * maxch : 0); it++) {
+                const int64_t pair = it / maxch, c = it % maxch, n = pair / HV;
+                if (c < nchunks(p, n)) kern->chunk_prep(&J, n, pair % HV, c, work, save + it * ssz);
+            }
+            OMP(omp for schedule(dynamic, 1))
+            for (int64_t it = 0; it < (buf ? items * split : 0); it++) {
+                const int64_t pair = it / split, n = pair / HV;
+                int64_t j0, j1;
+                col_range(p, it % split, per, &j0, &j1);
+                kern->chunk_fwd(&J, n, pair % HV, 0, nchunks(p, n), j0, j1, states + pair * kv, work,
+                                save + pair * maxch * ssz, SIMD_PREPARED | SIMD_KEEP_S0);
+            }
+            /* the backward's part that does not depend on dS, every chunk in parallel */
+            OMP(omp for schedule(dynamic, 1))
+            for (int64_t it = 0; it < (buf ? items * maxch : 0); it++) {
+                const int64_t pair = it / maxch, c = it % maxch, n = pair / HV;
+                if (c < nchunks(p, n))
+                    kern->chunk_bwd_pre(&J, n, pair % HV, c, work, save + it * ssz, pre + it * psz);
+            }
+            OMP(omp for schedule(dynamic, 1))
+            for (int64_t it = 0; it < (buf ? items : 0); it++)
+                kern->chunk_bwd(&J, it / HV, it % HV, work, save + it * maxch * ssz, pre + it * maxch * psz);
+        }
+    } else {
+        int64_t each = wsz + maxch * ssz;
+        float *buf = scratch(s, nt, &each);
+        fail = !buf;
+        OMP(omp parallel for num_threads(nt) schedule(dynamic, 1))
+        for (int64_t it = 0; it < (buf ? items : 0); it++) {
+            float *work = buf + thread_id() * each, *save = work + wsz;
+            const int64_t n = it / HV;
+            kern->chunk_fwd(&J, n, it % HV, 0, nchunks(p, n), 0, p->V, NULL, work, save, SIMD_KEEP_S0);
+            kern->chunk_bwd(&J, n, it % HV, work, save, NULL);
+        }
     }
     if (!fail) {
         /* per token: sum the value heads of each key head in a fixed order, then the

@@ -8,12 +8,17 @@
  *   runs through a group of 64 tokens while it sits in L1, each token one pass over the
  *   slab: S += beta k e^T fused with the next token's S^T k and S^T q, the decay folded
  *   into a running scale (o_t = alpha S^T q + beta (k.q) e, the same value as S_t^T q);
- * - decode: the same step on one token, two passes over each block of columns (the
- *   first reads the state, the second updates it while the block is still in cache);
+ * - decode: the same step on one token; blocks of columns are software-pipelined, one
+ *   loop reading block u+1 (S^T k, S^T q) and updating block u (rows last to first, so
+ *   the rows read last are updated first, likelier from L1): the state is streamed from
+ *   memory once, its second touch is from L1 or L2;
  * - chunkwise forward and backward: every product is one small row-major GEMM (gemm()
  *   below); (I + A)^-1 is never formed: w and u come from forward substitution, the
  *   backward's Tm^T products from back substitution, and dA = -(du2 u^T + dw2 w^T)
- *   (= -Tm^T dTm Tm^T on A's strictly lower support).
+ *   (= -Tm^T dTm Tm^T on A's strictly lower support). What does not depend on the
+ *   state (chunk_prep) or on the state gradient (bwd_pre_one) is separate, so that the
+ *   backend can run it for all chunks in parallel when there are fewer (sequence, head)
+ *   pairs than threads.
  *
  * l2norm and the KLA step size are applied on the fly from per-token scalars, so the
  * forward needs no T-sized scratch.
@@ -40,8 +45,10 @@
  * 2-core AVX-512 machine */
 #define LCOLS SIMD_COLS
 #define NB (LCOLS / VL) /* vectors per slab row */
-/* decode: columns per block; with AVX-512 a whole row of 128 (16 accumulators in zmm
- * registers, the state read contiguously) */
+/* decode: columns per block; with AVX-512 a whole row of 128 (16 accumulators and 8
+ * residuals in zmm registers, the state read contiguously). 64 and 32 columns with
+ * AVX-512 measured slower (the rows of a narrow block are 4 V bytes apart, so they share
+ * few L1 sets and do not stay there either) */
 #ifndef DCOLS
 #define DCOLS (VL == 16 ? 128 : VL == 8 ? 64 : 32)
 #endif
@@ -185,61 +192,125 @@ static void rec_fwd(const simd_job *J, int64_t n, int64_t hv, int64_t b0, int64_
     }
 }
 
-/* ---- decode: one token, the state streamed once (two passes over an L1-sized slab) ------- */
+/* ---- decode: one token, the state streamed once ------------------------------------------ */
 
-static void decode(const simd_job *J, int64_t n, int64_t hv)
+/*
+ * Work units are (item, block of DCOLS columns) in order, item = n HV + hv; a call runs
+ * units u0 .. u1-1 (simd_kernels.decode_cols gives the backend DCOLS). For a block:
+ * e = v - alpha S^T khat needs a whole pass over the rows before the update
+ * S <- alpha S + beta khat e^T can start, and o = scale (alpha S^T qhat + beta (khat.qhat) e)
+ * (the same value as S_new^T qhat) comes from the same pass. The units are software-
+ * pipelined: one loop over the rows reads unit u+1 for its S^T k and S^T q and updates
+ * unit u, which the previous loop has just read (so its second touch hits L1 or L2), so
+ * the state is streamed from memory once and the FMAs overlap that stream instead of
+ * following it. Each column's arithmetic is the same for any split into units, so any
+ * thread count gives the same bits.
+ */
+typedef struct dunit {
+    const float *k, *q, *vt;
+    float *ot, *S;
+    int64_t w; /* columns in the block (DCOLS but in a tail block) */
+    float ca, cb, ck, bk, alpha;
+} dunit;
+
+static void dunit_setup(const simd_job *J, int64_t u, dunit *d, int64_t *last_it)
 {
     const kla_problem *p = J->p;
-    const int64_t K = p->K, V = p->V, H = p->H, HV = p->HV, h = key_head(p, hv);
-    const float *k = J->k + (n * H + h) * K, *q = J->q + (n * H + h) * K;
-    const float *vt = J->v + (n * HV + hv) * V;
-    float *ot = J->o + (n * HV + hv) * V, *S = J->ht + (n * HV + hv) * K * V;
+    const int64_t K = p->K, V = p->V, H = p->H, HV = p->HV, nbu = (V + DCOLS - 1) / DCOLS;
+    const int64_t it = u / nbu, j0 = u % nbu * DCOLS, n = it / HV, hv = it % HV, h = key_head(p, hv);
+    d->k = J->k + (n * H + h) * K, d->q = J->q + (n * H + h) * K;
+    d->vt = J->v + it * V + j0, d->ot = J->o + it * V + j0, d->S = J->ht + it * K * V + j0;
+    d->w = V - j0 < DCOLS ? V - j0 : DCOLS;
+    if (it == *last_it) return; /* the scalars of the item are already there */
+    *last_it = it;
     float inv_rq, inv_rk, beta;
-    token_scalars(p, q, k, J->a[n * HV + hv], &inv_rq, &inv_rk, &beta);
-    const float alpha = J->g ? expf(J->g[n * HV + hv]) : 1.0f, scale = (float)p->scale;
-    const float kq = row_dot(k, q, K) * inv_rk * inv_rq;
-    const float ca = alpha * inv_rk, cb = scale * alpha * inv_rq, ck = scale * beta * kq;
-    const float bk = beta * inv_rk;
-    int64_t j0 = 0;
-    for (; j0 + DCOLS <= V; j0 += DCOLS) {
-        vf a[DNB], b[DNB], e[DNB];
-        for (int c = 0; c < DNB; c++) a[c] = b[c] = vf_zero();
-        int64_t i = 0;
-        for (; i < K; i++) {
-            const vf ki = vf_set1(k[i]), qi = vf_set1(q[i]);
-            for (int c = 0; c < DNB; c++) {
-                const vf s = vf_load(S + i * V + j0 + c * VL);
-                a[c] = vf_fma(s, ki, a[c]);
-                b[c] = vf_fma(s, qi, b[c]);
-            }
-        }
-        const vf vca = vf_set1(-ca), vcb = vf_set1(cb), vck = vf_set1(ck), valpha = vf_set1(alpha);
-        for (int c = 0; c < DNB; c++) {
-            e[c] = vf_fma(vca, a[c], vf_load(vt + j0 + c * VL));
-            vf_store(ot + j0 + c * VL, vf_fma(vcb, b[c], vf_mul(vck, e[c])));
-        }
-        for (i = 0; i < K; i++) {
-            const vf kb = vf_set1(bk * k[i]);
-            float *row = S + i * V + j0;
-            for (int c = 0; c < DNB; c++)
-                vf_store(row + c * VL, vf_fma(kb, e[c], vf_mul(valpha, vf_load(row + c * VL))));
-        }
-    }
-    if (j0 < V) { /* tail columns */
-        const int64_t w = V - j0;
-        float a[DCOLS] = { 0 }, b[DCOLS] = { 0 }, e[DCOLS];
-        for (int64_t i = 0; i < K; i++)
-            for (int64_t j = 0; j < w; j++) {
-                a[j] += S[i * V + j0 + j] * k[i];
-                b[j] += S[i * V + j0 + j] * q[i];
-            }
+    token_scalars(p, d->q, d->k, J->a[it], &inv_rq, &inv_rk, &beta);
+    const float alpha = J->g ? expf(J->g[it]) : 1.0f, scale = (float)p->scale;
+    const float kq = row_dot(d->k, d->q, K) * inv_rk * inv_rq;
+    d->ca = alpha * inv_rk, d->cb = scale * alpha * inv_rq, d->ck = scale * beta * kq;
+    d->bk = beta * inv_rk, d->alpha = alpha;
+}
+
+/* a tail block (w < DCOLS), by itself: two passes */
+static void decode_tail(const dunit *d, int64_t K, int64_t V)
+{
+    const int64_t w = d->w;
+    float a[DCOLS] = { 0 }, b[DCOLS] = { 0 }, e[DCOLS];
+    for (int64_t i = 0; i < K; i++)
         for (int64_t j = 0; j < w; j++) {
-            e[j] = vt[j0 + j] - ca * a[j];
-            ot[j0 + j] = cb * b[j] + ck * e[j];
+            a[j] += d->S[i * V + j] * d->k[i];
+            b[j] += d->S[i * V + j] * d->q[i];
         }
-        for (int64_t i = 0; i < K; i++)
-            for (int64_t j = 0; j < w; j++)
-                S[i * V + j0 + j] = alpha * S[i * V + j0 + j] + bk * k[i] * e[j];
+    for (int64_t j = 0; j < w; j++) {
+        e[j] = d->vt[j] - d->ca * a[j];
+        d->ot[j] = d->cb * b[j] + d->ck * e[j];
+    }
+    for (int64_t i = 0; i < K; i++)
+        for (int64_t j = 0; j < w; j++) d->S[i * V + j] = d->alpha * d->S[i * V + j] + d->bk * d->k[i] * e[j];
+}
+
+/* e and o of a full block from its S^T k (a) and S^T q (b) */
+static inline void dunit_finish(const dunit *d, const vf *a, const vf *b, vf *e)
+{
+    const vf vca = vf_set1(-d->ca), vcb = vf_set1(d->cb), vck = vf_set1(d->ck);
+    for (int c = 0; c < DNB; c++) {
+        e[c] = vf_fma(vca, a[c], vf_load(d->vt + c * VL));
+        vf_store(d->ot + c * VL, vf_fma(vcb, b[c], vf_mul(vck, e[c])));
+    }
+}
+
+static void decode(const simd_job *J, int64_t u0, int64_t u1)
+{
+    const int64_t K = J->p->K, V = J->p->V;
+    int64_t last_it = -1;
+    dunit cur = { 0 }, nxt;
+    vf e[DNB];
+    int pending = 0; /* cur has e and waits for its update */
+    for (int64_t u = u0; u < u1; u++) {
+        nxt = cur; /* keeps the item's scalars when u is in the same item */
+        dunit_setup(J, u, &nxt, &last_it);
+        if (nxt.w < DCOLS) {
+            decode_tail(&nxt, K, V);
+            continue;
+        }
+        vf a[DNB], b[DNB];
+        for (int c = 0; c < DNB; c++) a[c] = b[c] = vf_zero();
+        if (pending) { /* update cur while reading nxt */
+            const vf valpha = vf_set1(cur.alpha);
+            for (int64_t i = 0; i < K; i++) {
+                /* cur's rows last to first: the rows read last are likelier in L1 */
+                const int64_t ir = K - 1 - i;
+                const float *rn = nxt.S + i * V;
+                float *rc = cur.S + ir * V;
+                const vf ki = vf_set1(nxt.k[i]), qi = vf_set1(nxt.q[i]), kb = vf_set1(cur.bk * cur.k[ir]);
+                for (int c = 0; c < DNB; c++) {
+                    const vf s = vf_reg(vf_load(rn + c * VL));
+                    a[c] = vf_fma(s, ki, a[c]);
+                    b[c] = vf_fma(s, qi, b[c]);
+                    vf_store(rc + c * VL, vf_fma(kb, e[c], vf_mul(valpha, vf_load(rc + c * VL))));
+                }
+            }
+        } else {
+            for (int64_t i = 0; i < K; i++) {
+                const float *rn = nxt.S + i * V;
+                const vf ki = vf_set1(nxt.k[i]), qi = vf_set1(nxt.q[i]);
+                for (int c = 0; c < DNB; c++) {
+                    const vf s = vf_load(rn + c * VL);
+                    a[c] = vf_fma(s, ki, a[c]);
+                    b[c] = vf_fma(s, qi, b[c]);
+                }
+            }
+        }
+        dunit_finish(&nxt, a, b, e);
+        cur = nxt, pending = 1;
+    }
+    if (pending) {
+        const vf valpha = vf_set1(cur.alpha);
+        for (int64_t i = 0; i < K; i++) {
+            float *rc = cur.S + i * V;
+            const vf kb = vf_set1(cur.bk * cur.k[i]);
+            for (int c = 0; c < DNB; c++) vf_store(rc + c * VL, vf_fma(kb, e[c], vf_mul(valpha, vf_load(rc + c * VL))));
+        }
     }
 }
 
@@ -464,53 +535,131 @@ static void load_state(const simd_job *J, const float *src, int64_t n, int64_t h
     else memset(S, 0, (size_t)KV * sizeof(float));
 }
 
-static void chunk_fwd(const simd_job *J, int64_t n, int64_t hv, float *work, float *save)
+/* The state-independent part of chunk c of item (n, hv) into its saved block (save_c:
+ * simd_chunk_save_floats), so that chunks can be prepared in parallel, ahead of the
+ * sequential pass over the state (chunk_fwd with SIMD_PREPARED) */
+static void chunk_prep(const simd_job *J, int64_t n, int64_t hv, int64_t c, float *work, float *save_c)
+{
+    const kla_problem *p = J->p;
+    const int64_t C = p->chunk, t0 = p->cu[n] + c * C, L = p->cu[n + 1] - t0 < C ? p->cu[n + 1] - t0 : C;
+    cwork w;
+    carve(&w, work, C, p->K, p->V);
+    point_saved(&w, save_c, C, p->K, p->V);
+    chunk_prepare(J, &w, t0, L, hv);
+    chunk_P(J, &w, L);
+}
+
+/* copy columns j0 .. j1-1 of [K, V] matrices (or zero them when src is NULL) */
+static void copy_cols(float *dst, const float *src, int64_t K, int64_t V, int64_t j0, int64_t j1)
+{
+    for (int64_t i = 0; i < K; i++) {
+        if (src) memcpy(dst + i * V + j0, src + i * V + j0, (size_t)(j1 - j0) * sizeof(float));
+        else memset(dst + i * V + j0, 0, (size_t)(j1 - j0) * sizeof(float));
+    }
+}
+
+static void chunk_fwd(const simd_job *J, int64_t n, int64_t hv, int64_t c0, int64_t c1, int64_t j0,
+                      int64_t j1, float *S, float *work, float *save, int flags)
 {
     const kla_problem *p = J->p;
     const int64_t K = p->K, V = p->V, KV = K * V, HV = p->HV, C = p->chunk, ldo = HV * V;
+    const int64_t nch = (p->cu[n + 1] - p->cu[n] + C - 1) / C, ssz = simd_chunk_save_floats(C, K, V);
+    const int64_t N = j1 - j0; /* columns of the state (and of v, o) this call advances */
     const float scale = (float)p->scale;
     cwork w;
     carve(&w, work, C, K, V);
-    float *S = w.S;
-    load_state(J, J->h0, n, hv, S);
-    for (int64_t t0 = p->cu[n], c = 0; t0 < p->cu[n + 1]; t0 += C, c++) {
-        const int64_t L = p->cu[n + 1] - t0 < C ? p->cu[n + 1] - t0 : C;
-        if (save) memcpy(point_saved(&w, save + c * simd_chunk_save_floats(C, K, V), C, K, V), S,
-                         (size_t)KV * sizeof(float));
-        chunk_prepare(J, &w, t0, L, hv);
-        chunk_P(J, &w, L);
+    if (!S) S = w.S;
+    if (c0 == 0) copy_cols(S, J->h0 ? J->h0 + (n * HV + hv) * KV : NULL, K, V, j0, j1);
+    for (int64_t c = c0; c < c1; c++) {
+        const int64_t t0 = p->cu[n] + c * C, L = p->cu[n + 1] - t0 < C ? p->cu[n + 1] - t0 : C;
+        if (save) {
+            float *S0 = point_saved(&w, save + (c - c0) * ssz, C, K, V);
+            if (flags & SIMD_KEEP_S0) copy_cols(S0, S, K, V, j0, j1);
+        }
+        if (!(flags & SIMD_PREPARED)) {
+            chunk_prepare(J, &w, t0, L, hv);
+            chunk_P(J, &w, L);
+        }
         /* vnew = u - w S0 */
-        memcpy(w.vnew, w.U, (size_t)(L * V) * sizeof(float));
-        gemm(L, V, K, -1, w.W, K, S, V, 1, w.vnew, V);
+        for (int64_t i = 0; i < L; i++) memcpy(w.vnew + i * V + j0, w.U + i * V + j0, (size_t)N * sizeof(float));
+        gemm(L, N, K, -1, w.W, K, S + j0, V, 1, w.vnew + j0, V);
         /* o = scale diag(gamma) Qc S0 + P vnew */
-        float *o = J->o + (t0 * HV + hv) * V;
-        gemm(L, V, K, 1, w.Qc, K, S, V, 0, o, ldo);
-        for (int64_t i = 0; i < L; i++) row_scale(o + i * ldo, scale * w.gam[i], o + i * ldo, V);
-        gemm(L, V, L, 1, w.P, C, w.vnew, V, 1, o, ldo);
+        float *o = J->o + (t0 * HV + hv) * V + j0;
+        gemm(L, N, K, 1, w.Qc, K, S + j0, V, 0, o, ldo);
+        for (int64_t i = 0; i < L; i++) row_scale(o + i * ldo, scale * w.gam[i], o + i * ldo, N);
+        gemm(L, N, L, 1, w.P, C, w.vnew + j0, V, 1, o, ldo);
         /* S = gamma_L S0 + Kc^T diag(exp(G_L - G_j)) vnew */
-        for (int64_t j = 0; j < L; j++) row_scale(w.dOg + j * V, w.E[(L - 1) * C + j], w.vnew + j * V, V);
-        gemm_tn(K, V, L, 1, w.Kc, K, w.dOg, V, w.gam[L - 1], S, V);
+        for (int64_t j = 0; j < L; j++) row_scale(w.dOg + j * V + j0, w.E[(L - 1) * C + j], w.vnew + j * V + j0, N);
+        gemm_tn(K, N, L, 1, w.Kc, K, w.dOg + j0, V, w.gam[L - 1], S + j0, V);
     }
-    if (J->ht) memcpy(J->ht + (n * HV + hv) * KV, S, (size_t)KV * sizeof(float));
+    if (J->ht && c1 >= nch) copy_cols(J->ht + (n * HV + hv) * KV, S, K, V, j0, j1);
 }
 
 /* ---- chunkwise backward: reverse mode through the chunk steps, last chunk first ---------- */
 
-static void chunk_bwd_one(const simd_job *J, cwork *w, int64_t t0, int64_t L, int64_t hv,
-                          const float *S0)
+/* The part of chunk c's backward that does not depend on the state gradient dS (the
+ * sequential part): it needs only the forward's saved values and do, so the chunks can
+ * run it in parallel. It writes dq of the chunk's tokens completely and the first term
+ * of dk (Mm^T Qc), and keeps in pre (simd_chunk_pre_floats): X = scale Qc^T diag(gamma)
+ * dO (the term dS gains in the chunk), P^T dO (dvnew's term) and dG's terms. */
+static void bwd_pre_one(const simd_job *J, cwork *w, int64_t t0, int64_t L, int64_t hv,
+                        const float *S0, float *pre)
+{
+    const kla_problem *p = J->p;
+    const int64_t K = p->K, V = p->V, HV = p->HV, C = p->chunk;
+    const int64_t ldo = HV * V, ldg = HV * K;
+    const float scale = (float)p->scale;
+    const float *dO = J->dout + (t0 * HV + hv) * V;
+    float *dq = J->dqv + (t0 * HV + hv) * K, *dk = J->dkv + (t0 * HV + hv) * K;
+    float *X = pre, *PtdO = X + K * V + 16, *dGp = PtdO + C * V + 16;
+    for (int64_t i = 0; i < L; i++) dGp[i] = 0;
+
+    /* o_i = gamma_i S0^T qs_i + sum_{j<=i} P_ij vnew_j */
+    transpose(S0, V, K, V, w->S0T, K);
+    gemm(L, K, V, 1, dO, ldo, w->S0T, K, 0, w->Z, K); /* Z_i = S0 do_i */
+    for (int64_t i = 0; i < L; i++) {
+        row_axpy(dq + i * ldg, scale * w->gam[i], w->Z + i * K, K);
+        dGp[i] += scale * w->gam[i] * row_dot(w->Qc + i * K, w->Z + i * K, K);
+        row_scale(w->dOg + i * V, w->gam[i], dO + i * ldo, V);
+    }
+    gemm_tn(K, V, L, scale, w->Qc, K, w->dOg, V, 0, X, V);
+    transpose(w->vnew, V, L, V, w->vnewT, L);
+    gemm(L, L, V, 1, dO, ldo, w->vnewT, L, 0, w->dP, C); /* dP_ij = do_i . vnew_j */
+    for (int64_t i = 0; i < L; i++)
+        for (int64_t j = 0; j < L; j++) {
+            if (j <= i) {
+                const float dp = w->dP[i * C + j], pp = dp * w->P[i * C + j];
+                dGp[i] += pp;
+                dGp[j] -= pp;
+                w->Mm[i * C + j] = dp * scale * w->E[i * C + j];
+            } else {
+                w->Mm[i * C + j] = 0;
+            }
+        }
+    gemm_tn(L, V, L, 1, w->P, C, dO, ldo, 0, PtdO, V);
+    gemm(L, K, L, 1, w->Mm, C, w->Kc, K, 1, dq, ldg);
+    gemm_tn(L, K, L, 1, w->Mm, C, w->Qc, K, 1, dk, ldg);
+}
+
+/* the rest of chunk c's backward, sequential in the chunks through dS */
+static void bwd_main_one(const simd_job *J, cwork *w, int64_t t0, int64_t L, int64_t hv,
+                         const float *S0, const float *pre, int s0t_ready)
 {
     const kla_problem *p = J->p;
     const int64_t K = p->K, V = p->V, KV = K * V, HV = p->HV, C = p->chunk;
-    const int64_t ldo = HV * V, ldg = HV * K;
-    const float scale = (float)p->scale, GL = w->G[L - 1], gamL = w->gam[L - 1];
-    const float *dO = J->dout + (t0 * HV + hv) * V;
-    float *dq = J->dqv + (t0 * HV + hv) * K, *dk = J->dkv + (t0 * HV + hv) * K;
+    const int64_t ldg = HV * K;
+    const float GL = w->G[L - 1], gamL = w->gam[L - 1];
+    float *dk = J->dkv + (t0 * HV + hv) * K;
     float *dS = w->dS, *dG = w->dG, *dbeta = w->dbeta, *d = w->d;
-    for (int64_t i = 0; i < L; i++) dG[i] = dbeta[i] = 0, d[i] = expf(GL - w->G[i]);
+    const float *X = pre, *PtdO = X + K * V + 16, *dGp = PtdO + C * V + 16;
+    for (int64_t i = 0; i < L; i++) dG[i] = dGp[i], dbeta[i] = 0, d[i] = expf(GL - w->G[i]);
 
     /* S_L = gamma_L S0 + sum_j d_j k_j vnew_j^T */
     gemm(L, V, K, 1, w->Kc, K, dS, V, 0, w->dvnew, V); /* dvnew_j = d_j dS^T k_j */
-    for (int64_t j = 0; j < L; j++) row_scale(w->dvnew + j * V, d[j], w->dvnew + j * V, V);
+    for (int64_t j = 0; j < L; j++) {
+        row_scale(w->dvnew + j * V, d[j], w->dvnew + j * V, V);
+        for (int64_t i = 0; i < V; i++) w->dvnew[j * V + i] += PtdO[j * V + i];
+    }
     transpose(dS, V, K, V, w->dST, K);
     gemm(L, K, V, 1, w->vnew, V, w->dST, K, 0, w->Y, K); /* Y_j = dS vnew_j */
     float bsum = 0;
@@ -522,34 +671,10 @@ static void chunk_bwd_one(const simd_job *J, cwork *w, int64_t t0, int64_t L, in
     }
     dG[L - 1] += gamL * row_dot(S0, dS, KV) + bsum;
     row_scale(dS, gamL, dS, KV); /* dS is dS0 from here on */
+    for (int64_t i = 0; i < KV; i++) dS[i] += X[i];
 
-    /* o_i = gamma_i S0^T qs_i + sum_{j<=i} P_ij vnew_j */
-    transpose(S0, V, K, V, w->S0T, K);
-    gemm(L, K, V, 1, dO, ldo, w->S0T, K, 0, w->Z, K); /* Z_i = S0 do_i */
-    for (int64_t i = 0; i < L; i++) {
-        row_axpy(dq + i * ldg, scale * w->gam[i], w->Z + i * K, K);
-        dG[i] += scale * w->gam[i] * row_dot(w->Qc + i * K, w->Z + i * K, K);
-        row_scale(w->dOg + i * V, w->gam[i], dO + i * ldo, V);
-    }
-    gemm_tn(K, V, L, scale, w->Qc, K, w->dOg, V, 1, dS, V);
-    transpose(w->vnew, V, L, V, w->vnewT, L);
-    gemm(L, L, V, 1, dO, ldo, w->vnewT, L, 0, w->dP, C); /* dP_ij = do_i . vnew_j */
-    for (int64_t i = 0; i < L; i++)
-        for (int64_t j = 0; j < L; j++) {
-            if (j <= i) {
-                const float dp = w->dP[i * C + j], pp = dp * w->P[i * C + j];
-                dG[i] += pp;
-                dG[j] -= pp;
-                w->Mm[i * C + j] = dp * scale * w->E[i * C + j];
-            } else {
-                w->Mm[i * C + j] = 0;
-            }
-        }
-    gemm_tn(L, V, L, 1, w->P, C, dO, ldo, 1, w->dvnew, V);
-    gemm(L, K, L, 1, w->Mm, C, w->Kc, K, 1, dq, ldg);
-    gemm_tn(L, K, L, 1, w->Mm, C, w->Qc, K, 1, dk, ldg);
-
-    /* vnew = u - w S0 */
+    /* vnew = u - w S0 (S0T: left by bwd_pre_one when it ran on this work area) */
+    if (!s0t_ready) transpose(S0, V, K, V, w->S0T, K);
     gemm(L, K, V, -1, w->dvnew, V, w->S0T, K, 0, w->dw, K);
     gemm_tn(K, V, L, -1, w->W, K, w->dvnew, V, 1, dS, V);
 
@@ -598,20 +723,39 @@ static void chunk_bwd_one(const simd_job *J, cwork *w, int64_t t0, int64_t L, in
     }
 }
 
-static void chunk_bwd(const simd_job *J, int64_t n, int64_t hv, float *work, float *save)
+/* bwd_pre_one of chunk c of item (n, hv), for the parallel path: save_c is the chunk's
+ * saved block, pre_c its simd_chunk_pre_floats block */
+static void chunk_bwd_pre(const simd_job *J, int64_t n, int64_t hv, int64_t c, float *work,
+                          float *save_c, float *pre_c)
+{
+    const kla_problem *p = J->p;
+    const int64_t C = p->chunk, t0 = p->cu[n] + c * C, L = p->cu[n + 1] - t0 < C ? p->cu[n + 1] - t0 : C;
+    cwork w;
+    carve(&w, work, C, p->K, p->V);
+    const float *S0 = point_saved(&w, save_c, C, p->K, p->V);
+    bwd_pre_one(J, &w, t0, L, hv, S0, pre_c);
+}
+
+/* pre: the chunks' blocks filled by chunk_bwd_pre, or NULL: each chunk's is computed here
+ * (the same code, so the same bits) */
+static void chunk_bwd(const simd_job *J, int64_t n, int64_t hv, float *work, float *save, float *pre)
 {
     const kla_problem *p = J->p;
     const int64_t K = p->K, V = p->V, KV = K * V, C = p->chunk;
     const int64_t len = p->cu[n + 1] - p->cu[n], nch = (len + C - 1) / C;
+    const int64_t ssz = simd_chunk_save_floats(C, K, V), psz = simd_chunk_pre_floats(C, K, V);
     cwork w;
     carve(&w, work, C, K, V);
+    float *own = work + simd_chunk_work_floats(C, K, V) - psz; /* the end of work */
     load_state(J, J->dht, n, hv, w.dS);
     for (int64_t c = nch - 1; c >= 0; c--) {
         const int64_t t0 = p->cu[n] + c * C, L = p->cu[n + 1] - t0 < C ? p->cu[n + 1] - t0 : C;
-        const float *S0 = point_saved(&w, save + c * simd_chunk_save_floats(C, K, V), C, K, V);
-        chunk_bwd_one(J, &w, t0, L, hv, S0);
+        const float *S0 = point_saved(&w, save + c * ssz, C, K, V);
+        float *pc = pre ? pre + c * psz : own;
+        if (!pre) bwd_pre_one(J, &w, t0, L, hv, S0, pc);
+        bwd_main_one(J, &w, t0, L, hv, S0, pc, !pre);
     }
     if (J->dh0) memcpy(J->dh0 + (n * p->HV + hv) * KV, w.dS, (size_t)KV * sizeof(float));
 }
 
-const simd_kernels TABLE = { STR(KLA_SIMD_LEVEL), rec_fwd, decode, chunk_fwd, chunk_bwd };
+const simd_kernels TABLE = { STR(KLA_SIMD_LEVEL), rec_fwd, decode, DCOLS, chunk_prep, chunk_fwd, chunk_bwd_pre, chunk_bwd };

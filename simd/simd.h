@@ -149,6 +149,18 @@ static inline float vf_reduce(vf a)
 #endif
 }
 
+/* x, kept in a register: stops the compiler from folding one load into several
+ * instructions as memory operands (each of which would load again) */
+static inline vf vf_reg(vf x)
+{
+#if (SIMD_AVX512 || SIMD_AVX2) && defined(__GNUC__)
+    __asm__("" : "+v"(x));
+#elif SIMD_NEON && defined(__GNUC__)
+    __asm__("" : "+w"(x));
+#endif
+    return x;
+}
+
 /* ---- row helpers: vector body, scalar tail -------------------------------------------- */
 
 static inline float row_dot(const float *x, const float *y, int64_t n)

@@ -432,10 +432,16 @@ int main(int argc, char **argv)
         { "gdn-chunk128-vk-state", 1, 300, 1, 1, 64, 64, KLA_MODE_GDN, 0, 1, 1, 1, 1, 128, 1, 1, 1, 0, NULL, 0 },
         { "kla-cu-seqlens-no-grads-opt", 1, 200, 2, 2, 128, 128, KLA_MODE_KLA, 1, 1, 1, 1, 0, 64, 0, 0, 0, 2, cu2, 0 },
         { "gdn-no-l2norm-chunk16", 2, 33, 1, 1, 20, 36, KLA_MODE_GDN, 0, 0, 1, 0, 1, 16, 1, 0, 0, 0, NULL, 0 },
+        /* one (sequence, head) pair, fewer than the 2 and 3 threads of the invariance
+         * check: chunks prepared in parallel and the state split by columns (V = 70: two
+         * full ranges of 32 and a short one) */
+        { "kla-one-pair-split", 1, 300, 1, 1, 40, 70, KLA_MODE_KLA, 1, 1, 1, 1, 1, 32, 1, 1, 0, 0, NULL, 0 },
     };
     const tcase dcases[] = {
         { "decode-kla", 3, 1, 2, 4, 128, 128, KLA_MODE_KLA, 1, 0, 1, 1, 0, 64, 0, 0, 0, 0, NULL, 0 },
         { "decode-gdn-odd", 2, 1, 1, 3, 9, 37, KLA_MODE_GDN, 0, 1, 0, 1, 0, 64, 0, 0, 0, 0, NULL, 0 },
+        /* one state, fewer than the threads; V = 200: full column blocks and a tail */
+        { "decode-one-state", 1, 1, 1, 1, 64, 200, KLA_MODE_KLA, 1, 1, 1, 1, 0, 64, 0, 0, 0, 0, NULL, 0 },
     };
     const tcase longc = { "long-T65536", 1, 65536, 1, 1, 64, 64, KLA_MODE_KLA, 1, 1, 1, 1, 1, 64, 1, 1, 0, 0, NULL, 0 };
     const tcase midc = { "long-T8192", 1, 8192, 1, 1, 64, 64, KLA_MODE_KLA, 1, 1, 1, 1, 1, 64, 1, 1, 0, 0, NULL, 0 };
