@@ -169,7 +169,8 @@ KLA_API void kla_close(KlaContext **ctx);
 
 /* The backend the context runs ("ref", ...). */
 KLA_API const char *kla_backend_name(const KlaContext *ctx);
-/* What the last failing call on ctx said: the tensor and the problem. Never NULL. */
+/* What the last failing call on ctx said: the tensor and the problem. Never NULL.
+ * With ctx == NULL: why this thread's last kla_open failed. */
 KLA_API const char *kla_error_detail(const KlaContext *ctx);
 
 /* 1 if backend `name` is built and usable here, 0 if built but unusable,

@@ -100,35 +100,47 @@ int kla__fail(KlaContext *ctx, int err, const char *fmt, ...)
     return err;
 }
 
+/* Why the last kla_open of this thread failed (there is no context to hold it). */
+static _Thread_local char open_detail[256];
+
+static int open_fail(int err, const char *fmt, const char *arg)
+{
+    snprintf(open_detail, sizeof open_detail, fmt, arg);
+    return err;
+}
+
 int kla_open(KlaContext **out, const KlaParams *params)
 {
-    if (!out) return KLA_EINVAL;
+    open_detail[0] = 0;
+    if (!out) return open_fail(KLA_EINVAL, "%s", "kla_open: NULL context pointer");
     *out = NULL;
     KlaParams p;
     if (params) p = *params;
     else kla_default_params(&p);
-    if (p.threads < 0) return KLA_EINVAL;
+    if (p.threads < 0) return open_fail(KLA_EINVAL, "%s", "kla_open: threads < 0");
 
     const kla_backend *be = NULL;
     if (!p.backend || !strcmp(p.backend, "auto")) {
         for (size_t i = 0; i < NBACKENDS && !be; i++)
             if (auto_candidate(backends[i]) && backends[i]->usable()) be = backends[i];
+        if (!be) return open_fail(KLA_ENODEV, "%s", "no usable CPU backend");
     } else {
         be = find_backend(p.backend);
-        if (!be) return KLA_ENOSYS;
-        if (!be->usable()) return KLA_ENODEV;
+        if (!be) return open_fail(KLA_ENOSYS, "backend \"%s\" is not built into this library", p.backend);
+        if (!be->usable()) return open_fail(KLA_ENODEV, "backend \"%s\" is not usable on this machine", p.backend);
     }
-    if (!be) return KLA_ENODEV;
 
     KlaContext *ctx = calloc(1, sizeof *ctx);
-    if (!ctx) return KLA_ENOMEM;
+    if (!ctx) return open_fail(KLA_ENOMEM, "%s", "kla_open: out of memory");
     ctx->be = be;
     ctx->params = p;
     ctx->params.backend = be->name; /* the caller's string need not outlive the call */
     if (be->open) {
-        char err[256] = "";
+        char err[200] = "";
         int r = be->open(&ctx->state, &ctx->params, err, sizeof err);
         if (r < 0) {
+            snprintf(open_detail, sizeof open_detail, "backend %s: %s", be->name,
+                     err[0] ? err : kla_strerror(r));
             free(ctx);
             return r;
         }
@@ -149,7 +161,8 @@ const char *kla_backend_name(const KlaContext *ctx) { return ctx ? ctx->be->name
 
 const char *kla_error_detail(const KlaContext *ctx)
 {
-    return ctx && ctx->detail[0] ? ctx->detail : "no error recorded";
+    if (!ctx) return open_detail[0] ? open_detail : "no error recorded";
+    return ctx->detail[0] ? ctx->detail : "no error recorded";
 }
 
 /* ---- validation ---------------------------------------------------------------------- */

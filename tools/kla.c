@@ -765,8 +765,7 @@ static int cmd_run(const Cli *c)
     par.cpu_mask = c->cpu_mask;
     int r = kla_open(&ctx, &par);
     if (r < 0) {
-        fprintf(stderr, "kla: backend \"%s\": %s\n", c->backend ? c->backend : "auto",
-                kla_strerror(r));
+        fprintf(stderr, "kla: %s\n", kla_error_detail(NULL));
         goto done;
     }
     const char *bname = kla_backend_name(ctx);
