@@ -582,6 +582,21 @@ static int vk_open(void **state, const KlaParams *params, char *err, size_t errl
     free(pd);
     compute_family(c->pd, &c->qfam);
     vkGetPhysicalDeviceProperties(c->pd, &c->props);
+    /* A test knob: the shared-memory size the tile choices assume. Lower than the device's
+     * it is always safe; higher is only for llvmpipe, which sizes shared memory per shader:
+     * the suite uses it to run the 48 KiB tiling of the larger GPUs there (validation off,
+     * since the layer checks the real limit). */
+    const char *shl = getenv("KLA_VULKAN_SHARED_LIMIT");
+    if (shl && *shl) {
+        char *end;
+        const unsigned long v = strtoul(shl, &end, 10);
+        if (*end || v < 1024 || v > (1u << 20)) {
+            snprintf(err, errlen, "KLA_VULKAN_SHARED_LIMIT=%s: expected bytes in [1024, 1048576]", shl);
+            vk_close(c);
+            return KLA_EINVAL;
+        }
+        c->props.limits.maxComputeSharedMemorySize = (uint32_t)v;
+    }
     vkGetPhysicalDeviceMemoryProperties(c->pd, &c->mem);
     VkPhysicalDeviceSubgroupProperties sg = { .sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_SUBGROUP_PROPERTIES };
     VkPhysicalDeviceProperties2 p2 = { .sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_PROPERTIES_2, .pNext = &sg };
