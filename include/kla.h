@@ -186,6 +186,12 @@ KLA_API unsigned kla_cpu_flags(void);
  * KLA_ENODEV when no loader or device is usable. The index is KlaParams.gpu_device. */
 KLA_API int kla_vulkan_devices(char *buf, size_t len);
 
+/* GPU time of the last call on ctx that succeeded, for benchmarks: ms[0] is all its
+ * dispatches (host transfers excluded, names[0] = "all"), ms[i] its i-th dispatch, named
+ * by the shader in names[i] (names may be NULL). Returns the entries written, at most max;
+ * 0 on a CPU backend, a device without timestamps, or before a call has succeeded. */
+KLA_API int kla_gpu_time(const KlaContext *ctx, double *ms, const char **names, int max);
+
 /* ---- operations ------------------------------------------------------------------- */
 
 /* o (and ht) for B sequences of T tokens, or N packed sequences. */

@@ -410,4 +410,4 @@ static int simd_backward(void *state, const kla_problem *p, int algo, const void
 }
 
 const kla_backend kla_backend_simd = { "simd", KLA_F32, usable, simd_open, simd_close,
-                                       simd_forward, simd_backward, simd_decode };
+                                       simd_forward, simd_backward, simd_decode, NULL };

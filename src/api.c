@@ -159,6 +159,12 @@ void kla_close(KlaContext **ctx)
 
 const char *kla_backend_name(const KlaContext *ctx) { return ctx ? ctx->be->name : "none"; }
 
+int kla_gpu_time(const KlaContext *ctx, double *ms, const char **names, int max)
+{
+    if (!ctx || !ms || max < 1 || !ctx->be->gpu_time) return 0;
+    return ctx->be->gpu_time(ctx->state, ms, names, max);
+}
+
 const char *kla_error_detail(const KlaContext *ctx)
 {
     if (!ctx) return open_detail[0] ? open_detail : "no error recorded";
@@ -540,7 +546,7 @@ static int ref_algo(int algo) { return algo == KLA_ALGO_CHUNK ? KLA_ALGO_CHUNK :
         return kla_ref_decode_##sfx(p, q, k, v, g, a, S, o);                                   \
     }                                                                                          \
     const kla_backend kla_backend_##NAME = { #NAME, DT, always, NULL, NULL,                   \
-                                             ref_fwd_##sfx, ref_bwd_##sfx, ref_dec_##sfx };
+                                             ref_fwd_##sfx, ref_bwd_##sfx, ref_dec_##sfx, NULL };
 
 REF_BACKEND(float, f32, ref, KLA_F32)
 REF_BACKEND(double, f64, ref64, KLA_F64)

@@ -32,6 +32,8 @@ typedef struct kla_backend {
                     void *dv, void *dg, void *da, void *dh0);
     int (*decode)(void *state, const kla_problem *p, const void *q, const void *k,
                   const void *v, const void *g, const void *a, void *S, void *o);
+    /* optional, GPU backends: kla_gpu_time of the last call that succeeded */
+    int (*gpu_time)(void *state, double *ms, const char **names, int max);
 } kla_backend;
 
 extern const kla_backend kla_backend_ref;

@@ -549,5 +549,41 @@ if "$KLA" info >out.txt 2>err.txt && grep -Eq '^ +ref +built' out.txt &&
     grep -Eq '^ +ref64 +built' out.txt && grep -q '^cores: [1-9]' out.txt; then
     ok "info lists ref and ref64"; else nok "info lists ref and ref64"; fi
 
+# ---- bench (tiny sizes: the figures are not checked, only that each is measured) --------
+cat >benchj.py <<'EOF'
+import json, math, sys
+d = json.load(open(sys.argv[1]))
+if sys.argv[2] == "gpu":
+    want = {"forward chunk": ["prep", "chunk_prep", "chunk_state", "chunk_out"],
+            "forward recurrent": ["prep", "rec_fwd"],
+            "forward+backward chunk": ["prep", "chunk_prep", "chunk_state", "chunk_out",
+                                       "chunk_dstate", "chunk_bwdv", "chunk_bwd", "bwd_post"],
+            "decode, 1 sequence": ["prep", "rec_fwd"], "decode, 3 sequences": ["prep", "rec_fwd"]}
+    rows = {r["op"]: r for r in d["rows"]}
+    assert sorted(rows) == sorted(want), sorted(rows)
+    for op, names in want.items():
+        r = rows[op]
+        assert r["gpu_ms_min"] > 0 and r["gpu_ms_median"] >= r["gpu_ms_min"], r
+        assert r["call_ms_median"] > 0, r
+        split = r["dispatch_ms_mean"]
+        assert [k.split(" ", 1)[1] for k in split] == names, (op, list(split))
+        assert all(v >= 0 for v in split.values()), r
+else:
+    for k in ("forward_ms", "forward_chunk_ms", "backward_ms", "decode1_us", "decodeN_us"):
+        assert isinstance(d[k], float) and d[k] > 0 and math.isfinite(d[k]), (k, d[k])
+EOF
+SMALL="--T 40 --H 2 --K 16 --V 8 --N 3 --reps 1 --chunk 16 --json"
+if "$KLA" info | grep -Eq '^ +simd +built, usable'; then
+    check "bench --backend simd: every figure measured" sh -c \
+        "'$KLA' bench --backend simd $SMALL --ref-T 16 >b.json && '$PY' benchj.py b.json cpu"
+fi
+if "$KLA" info | grep -Eq '^ +vulkan +built, usable'; then
+    check "bench --backend vulkan: GPU time of every dispatch, by name" sh -c \
+        "'$KLA' bench --backend vulkan $SMALL >b.json && '$PY' benchj.py b.json gpu"
+fi
+"$KLA" bench --frobnicate 1 >out.txt 2>err.txt; rc=$?
+if [ $rc -eq 2 ] && grep -q 'unknown option' err.txt; then ok "bench: unknown option, exit 2"
+else nok "bench: unknown option, exit 2 (exit $rc)"; fi
+
 echo "1..$N"
 [ $FAILED -eq 0 ]

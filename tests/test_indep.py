@@ -7,7 +7,7 @@ Prints TAP. Part (a) validates the oracle itself (finite differences through eve
 gradient, the hand example of spec section 6, the exact-projection property, a
 second forward formulation, the safetensors round trip). Part (b) writes random F32
 inputs for a list of named cases, runs `kla forward|backward|decode` with the ref64
-and ref backends and both algorithms, and compares every output with the oracle
+and ref backends and every other usable one (simd, vulkan; or --backends), both algorithms, and compares every output with the oracle
 evaluated in float64 on the float32-rounded inputs, using
 rel_rmse = rms(ref - got) / rms(ref). Without --kla only part (a) runs.
 """
@@ -342,7 +342,15 @@ def run_kla(kla, args):
     return True, []
 
 
-def command_tests(kla, tmp):
+def usable_backends(kla):
+    """ref64 and ref, then every other backend `kla info` reports built and usable."""
+    out = subprocess.run([kla, "info"], capture_output=True, text=True).stdout
+    extra = [ln.split()[0] for ln in out.splitlines()
+             if ln.startswith("  ") and ln.strip().endswith("built, usable")]
+    return ["ref64", "ref"] + [b for b in extra if b not in ("ref64", "ref")]
+
+
+def command_tests(kla, tmp, backends):
     for ci, (cname, kw, meta, chunks) in enumerate(CASES):
         rng = np.random.default_rng(1000 + ci)
         inp = make_inputs(rng, do=True, **kw)
@@ -361,13 +369,15 @@ def command_tests(kla, tmp):
             (["dh0"] if "h0" in inp else [])
 
         runs = []  # (command, backend, algo args)
-        for backend in ("ref64", "ref"):
+        for backend in backends:
             cs = chunks if backend == "ref64" else chunks[:1]
             algos = [["--algo", "recurrent"]] + \
                 [["--algo", "chunk", "--chunk-size", str(c)] for c in cs]
             for cmd in ("forward", "backward"):
                 for a in algos:
                     runs.append((cmd, backend, a))
+            if backend not in ("ref", "ref64"):
+                runs.append(("decode", backend, []))
         runs.append(("decode", "ref64", []))
 
         for cmd, backend, algo in runs:
@@ -392,13 +402,18 @@ def command_tests(kla, tmp):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kla", help="path to the kla command (omit: oracle self-checks only)")
+    ap.add_argument("--backends", help="comma-separated (default: ref64, ref and every other "
+                    "backend `kla info` reports usable, e.g. simd, vulkan)")
     args = ap.parse_args()
     t0 = time.time()
     self_checks()
     if args.kla:
         tmp = tempfile.mkdtemp(prefix="kla-indep-")
         try:
-            command_tests(os.path.abspath(args.kla), tmp)
+            kla = os.path.abspath(args.kla)
+            backends = args.backends.split(",") if args.backends else usable_backends(kla)
+            print(f"# backends: {' '.join(backends)}")
+            command_tests(kla, tmp, backends)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     print(f"# {tap.n - tap.failed}/{tap.n} passed in {time.time() - t0:.1f} s")

@@ -252,7 +252,7 @@ int main(void)
     for (char *line = strtok(devs, "\n"); line; line = strtok(NULL, "\n")) printf("#   %s\n", line);
     const int ncases = (int)(sizeof cases / sizeof cases[0]);
     /* per case: 2 forwards x 2 tensors, 2 backwards x 8 tensors, decode 2; + devices + messages */
-    printf("1..%d\n", ncases * 22 + 4);
+    printf("1..%d\n", ncases * 22 + 6);
     ok(nd >= 1, "%s%s", "kla_vulkan_devices lists the device", "");
     {
         /* device choice: a missing index, and a name that matches nothing, fail cleanly */
@@ -275,6 +275,16 @@ int main(void)
         ok(r2 == KLA_ENODEV && r3 == 0, "%s%s", "KLA_VULKAN_DEVICE by name (no match) and by index", "");
     }
     for (int i = 0; i < ncases; i++) run_case(vk, ref, &cases[i]);
+    {
+        /* kla_gpu_time after the last case's decode (prep, rec_fwd), and 0 on a CPU backend */
+        double ms[8];
+        const char *nm[8];
+        const int n = kla_gpu_time(vk, ms, nm, 8);
+        const int named = n == 3 && !strcmp(nm[0], "all") && !strcmp(nm[1], "prep") && !strcmp(nm[2], "rec_fwd");
+        ok(named && ms[0] > 0 && ms[1] >= 0 && ms[2] > 0 && ms[1] + ms[2] <= ms[0] * 1.001 + 1e-6, "%s%s",
+           "kla_gpu_time: the last call, all and each dispatch by name", "");
+        ok(kla_gpu_time(ref, ms, nm, 8) == 0, "%s%s", "kla_gpu_time: 0 on a CPU backend", "");
+    }
     kla_close(&vk);
     kla_close(&ref);
     const int msgs = kla__vulkan_messages();

@@ -9,6 +9,10 @@
  *     against the chunkwise kernel's executed GEMM FLOP/s;
  *   - for decode, the state-streaming bound: one read and one write of every state;
  *   - thread scaling: the forward with 1 thread against --threads.
+ * With a GPU backend (vulkan) it prints instead, for forward chunk and recurrent,
+ * forward+backward and decode, the GPU time of the dispatches (kla_gpu_time; median and
+ * minimum) beside the wall time of the whole API call (host transfers included), and
+ * each dispatch's mean GPU time.
  *
  * kla bench [--backend B] [--T n] [--B n] [--H n] [--K n] [--V n] [--N n] [--threads n]
  *           [--algo auto|recurrent|chunk] [--chunk C] [--reps n] [--cpu MASK] [--ref-T n]
@@ -276,6 +280,136 @@ static void progress(const char *fmt, ...)
     va_end(ap);
 }
 
+/* ---- GPU backends: GPU time from kla_gpu_time beside the wall time of each call ---------- */
+
+static int cmpd(const void *a, const void *b)
+{
+    const double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+typedef struct gfig {
+    double gpu_med, gpu_min, wall_med, split[16];
+    const char *name[16];
+    int nsplit, ok;
+} gfig;
+
+/* op: 0 forward, 1 backward, 2 decode (P->s has T = 1); reps timed calls after a warm-up */
+static gfig gpu_time_op(KlaContext *ctx, prob *P, int op, int algo, long chunk, long reps, float *state)
+{
+    gfig f = { 0 };
+    KlaOptions o = options(algo, chunk);
+    KlaTensors t = { .q = KLA_F32_IN(P->q), .k = KLA_F32_IN(P->k), .v = KLA_F32_IN(P->v),
+                     .g = KLA_F32_IN(P->g), .eta = KLA_F32_IN(P->eta), .o = KLA_F32_OUT(P->o) };
+    if (op == 1) {
+        t.dout = KLA_F32_IN(P->dout), t.dq = KLA_F32_OUT(P->dq), t.dk = KLA_F32_OUT(P->dk);
+        t.dv = KLA_F32_OUT(P->dv), t.dg = KLA_F32_OUT(P->dg), t.deta = KLA_F32_OUT(P->deta);
+    }
+    if (op == 2) t.state = KLA_F32_OUT(state);
+    if (reps > 64) reps = 64;
+    double wall[64], gpu[64];
+    for (long r = -1; r < reps; r++) { /* r = -1: warm-up (pipelines, buffers), untimed */
+        const double t0 = now();
+        const int e = op == 0 ? kla_forward(ctx, &P->s, &o, &t)
+                    : op == 1 ? kla_backward(ctx, &P->s, &o, &t) : kla_decode(ctx, &P->s, &o, &t);
+        const double dt = now() - t0;
+        if (e < 0) {
+            fprintf(stderr, "kla bench: %s\n", kla_error_detail(ctx));
+            return f;
+        }
+        if (r < 0) continue;
+        double ms[17];
+        const char *nm[17];
+        const int n = kla_gpu_time(ctx, ms, nm, 17);
+        if (n < 1) {
+            fprintf(stderr, "kla bench: backend %s reports no GPU time\n", kla_backend_name(ctx));
+            return f;
+        }
+        wall[r] = dt * 1e3, gpu[r] = ms[0];
+        f.nsplit = n - 1;
+        for (int i = 1; i < n; i++) f.split[i - 1] += ms[i] / (double)reps, f.name[i - 1] = nm[i];
+    }
+    qsort(wall, (size_t)reps, sizeof *wall, cmpd);
+    qsort(gpu, (size_t)reps, sizeof *gpu, cmpd);
+    f.gpu_med = gpu[reps / 2], f.gpu_min = gpu[0], f.wall_med = wall[reps / 2], f.ok = 1;
+    return f;
+}
+
+static int gpu_row(const char *what, const gfig *f, int json, int *first)
+{
+    if (json) {
+        printf("%s\n  {\"op\": \"%s\"", *first ? "" : ",", what);
+        jnum("gpu_ms_median", f->ok ? f->gpu_med : NAN), jnum("gpu_ms_min", f->ok ? f->gpu_min : NAN);
+        jnum("call_ms_median", f->ok ? f->wall_med : NAN);
+        printf(", \"dispatch_ms_mean\": {");
+        for (int i = 0; f->ok && i < f->nsplit; i++)
+            printf("%s\"%d %s\": %.6g", i ? ", " : "", i + 1, f->name[i] ? f->name[i] : "?", f->split[i]);
+        printf("}}");
+        *first = 0;
+        return !f->ok;
+    }
+    if (!f->ok) {
+        printf("  %-30s failed\n", what);
+        return 1;
+    }
+    printf("  %-30s %9.3f %9.3f %10.3f   ", what, f->gpu_med, f->gpu_min, f->wall_med);
+    for (int i = 0; i < f->nsplit; i++)
+        printf("%s%s %.3f", i ? " + " : "", f->name[i] ? f->name[i] : "?", f->split[i]);
+    printf("\n");
+    fflush(stdout);
+    return 0;
+}
+
+/* The GPU table: forward (chunkwise and recurrent), forward+backward (one kla_backward
+ * call with --algo, auto = chunkwise), decode of 1 and N sequences. */
+static int bench_gpu(KlaContext *ctx, const bopt *b, int do_fwd, int do_bwd, int do_dec)
+{
+    int first = 1, fails = 0;
+    if (b->json)
+        printf("{\"backend\": \"%s\", \"B\": %ld, \"T\": %ld, \"H\": %ld, \"K\": %ld, \"V\": %ld, "
+               "\"N\": %ld, \"chunk\": %ld, \"reps\": %ld, \"rows\": [",
+               kla_backend_name(ctx), b->B, b->T, b->H, b->K, b->V, b->N, b->chunk, b->reps);
+    else
+        printf("kla bench: backend %s (GPU), B=%ld T=%ld H=%ld K=%ld V=%ld, chunk %ld, %ld timed calls each\n"
+               "  %-30s %9s %9s %10s   %s\n",
+               kla_backend_name(ctx), b->B, b->T, b->H, b->K, b->V, b->chunk, b->reps, "operation",
+               "GPU ms", "(min)", "call ms", "GPU ms per dispatch (mean)");
+    prob P;
+    if (do_fwd || do_bwd) prob_make(&P, b->B, b->T, b->H, b->K, b->V, do_bwd);
+    if (do_fwd) {
+        progress("forward chunk");
+        gfig f = gpu_time_op(ctx, &P, 0, KLA_ALGO_CHUNK, b->chunk, b->reps, NULL);
+        fails += gpu_row("forward chunk", &f, b->json, &first);
+        progress("forward recurrent");
+        f = gpu_time_op(ctx, &P, 0, KLA_ALGO_RECURRENT, b->chunk, b->reps, NULL);
+        fails += gpu_row("forward recurrent", &f, b->json, &first);
+    }
+    if (do_bwd) {
+        progress("forward+backward");
+        gfig f = gpu_time_op(ctx, &P, 1, b->algo, b->chunk, b->reps, NULL);
+        fails += gpu_row(b->algo == KLA_ALGO_RECURRENT ? "forward+backward recurrent" : "forward+backward chunk", &f,
+                b->json, &first);
+    }
+    if (do_fwd || do_bwd) prob_free(&P);
+    if (do_dec) {
+        const long Ns[2] = { 1, b->N };
+        for (int i = 0; i < 2; i++) {
+            progress("decode of %ld sequences", Ns[i]);
+            prob D;
+            prob_make(&D, Ns[i], 1, b->H, b->K, b->V, 0);
+            float *state = rnd(Ns[i] * b->H * b->K * b->V, -0.01f, 0.01f);
+            gfig f = gpu_time_op(ctx, &D, 2, KLA_ALGO_AUTO, b->chunk, b->reps * 4 + 1, state);
+            char w[64];
+            snprintf(w, sizeof w, "decode, %ld sequence%s", Ns[i], Ns[i] == 1 ? "" : "s");
+            fails += gpu_row(w, &f, b->json, &first);
+            free(state);
+            prob_free(&D);
+        }
+    }
+    if (b->json) printf("\n]}\n");
+    return fails ? 1 : 0;
+}
+
 static int usage(const char *msg)
 {
     if (msg) fprintf(stderr, "kla bench: %s\n", msg);
@@ -340,6 +474,11 @@ int kla_bench_main(int argc, char **argv)
     if (nthreads == 0) nthreads = 1;
 #endif
     KlaContext *ctx = open_ctx(b.backend, b.threads, b.cpu);
+    if (ctx && b.backend && !strcmp(b.backend, "vulkan")) {
+        const int r = bench_gpu(ctx, &b, do_fwd, do_bwd, do_dec);
+        kla_close(&ctx);
+        return r;
+    }
     KlaContext *ctx1 = open_ctx(b.backend, 1, b.cpu);
     KlaContext *ref = open_ctx("ref", 1, KLA_CPU_ALL);
     if (!ctx || !ctx1 || !ref) return 1;

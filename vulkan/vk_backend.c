@@ -107,24 +107,14 @@ enum {
 /* ---- validation messages (tests assert there are none) ------------------------------- */
 
 static int g_messages;
-static double g_gpu_ms = -1;
 #define NSTAMPS 10 /* start, then one after each of up to 8 dispatches, end */
-static double g_split_ms[NSTAMPS];
-static int g_nsplit;
 
-/* GPU time of the last call's dispatches (uploads and downloads excluded), ms; -1 if
- * the device has no timestamps. For benchmarks. */
-double kla__vulkan_last_gpu_ms(void);
-double kla__vulkan_last_gpu_ms(void) { return g_gpu_ms; }
-
-/* GPU time of each dispatch of the last call (ms) into ms[0..max-1]; returns how many. */
-int kla__vulkan_last_gpu_split(double *ms, int max);
-int kla__vulkan_last_gpu_split(double *ms, int max)
-{
-    int n = g_nsplit < max ? g_nsplit : max;
-    for (int i = 0; i < n; i++) ms[i] = g_split_ms[i];
-    return n;
-}
+static const char *const shader_name[NSHADERS] = {
+    [SH_PREP] = "prep", [SH_POST] = "bwd_post", [SH_REC_FWD] = "rec_fwd", [SH_REC_BWD] = "rec_bwd",
+    [SH_REC_DSTATE] = "rec_dstate", [SH_CHUNK_PREP] = "chunk_prep", [SH_CHUNK_STATE] = "chunk_state",
+    [SH_CHUNK_OUT] = "chunk_out", [SH_CHUNK_DSTATE] = "chunk_dstate", [SH_CHUNK_BWDV] = "chunk_bwdv",
+    [SH_CHUNK_BWD] = "chunk_bwd",
+};
 
 /* Validation-layer warnings and errors seen by this process (KLA_VULKAN_VALIDATION=1). */
 int kla__vulkan_messages(void);
@@ -171,8 +161,13 @@ typedef struct vkctx {
     VkCommandPool pool;
     VkCommandBuffer cb;
     VkFence fence;
-    VkQueryPool timer; /* two timestamps around the dispatches, when the queue has them */
+    VkQueryPool timer; /* timestamps around each dispatch, when the queue has them */
     double tick_ns;
+    /* GPU time of the last call that succeeded (kla_gpu_time): all dispatches, then each */
+    double gpu_ms, split_ms[NSTAMPS];
+    const char *split_name[NSTAMPS];
+    int nsplit;
+    const char *pipe_name; /* shader of the pipeline get_pipe returned last */
     VkDescriptorSetLayout dsl;
     VkPipelineLayout pl;
     VkDescriptorPool dpool;
@@ -496,6 +491,7 @@ static VkPipeline get_pipe(vkctx *c, int shader, uint32_t s0, uint32_t s1, uint3
                            uint32_t s3, uint32_t s4)
 {
     const uint32_t spec[5] = { s0, s1, s2, s3, s4 };
+    c->pipe_name = shader_name[shader]; /* the next dispatch's name, for kla_gpu_time */
     for (int i = 0; i < c->npipes; i++)
         if (c->pipes[i].shader == shader && !memcmp(c->pipes[i].spec, spec, sizeof spec)) {
             c->pipes[i].epoch = c->epoch;
@@ -569,6 +565,7 @@ static int vk_open(void **state, const KlaParams *params, char *err, size_t errl
     *state = NULL;
     vkctx *c = calloc(1, sizeof *c);
     if (!c) return KLA_ENOMEM;
+    c->gpu_ms = -1;
     CHECK(make_instance(&c->inst, &c->messenger, env_on("KLA_VULKAN_VALIDATION")), "vkCreateInstance");
     VkPhysicalDevice *pd;
     int n = list_devices(c->inst, &pd);
@@ -720,6 +717,7 @@ typedef struct call {
     int nup, ndown;
     int recording;
     uint32_t nstamp; /* timestamps written */
+    const char *name[NSTAMPS]; /* name[i]: the dispatch that timestamp i ends */
 } call;
 
 /* Binding `bind` holds `bytes` for this call. */
@@ -820,8 +818,10 @@ static int dispatch(call *k, VkPipeline p, const pconst *pc, uint64_t gx, uint32
     vkCmdBindPipeline(c->cb, VK_PIPELINE_BIND_POINT_COMPUTE, p);
     vkCmdPushConstants(c->cb, c->pl, VK_SHADER_STAGE_COMPUTE_BIT, 0, sizeof *pc, pc);
     vkCmdDispatch(c->cb, x, y, gz);
-    if (c->timer && k->nstamp < NSTAMPS - 1)
+    if (c->timer && k->nstamp < NSTAMPS - 1) {
+        k->name[k->nstamp] = c->pipe_name;
         vkCmdWriteTimestamp(c->cb, VK_PIPELINE_STAGE_BOTTOM_OF_PIPE_BIT, c->timer, k->nstamp++);
+    }
     barrier(c->cb, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, VK_ACCESS_SHADER_WRITE_BIT,
             VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, VK_ACCESS_SHADER_READ_BIT | VK_ACCESS_SHADER_WRITE_BIT);
     return 0;
@@ -853,12 +853,15 @@ static int finish(call *k)
         vkWaitForFences(c->dev, 1, &c->fence, VK_TRUE, UINT64_MAX) != VK_SUCCESS)
         return KLA_EIO;
     uint64_t ts[NSTAMPS];
-    g_gpu_ms = -1;
-    g_nsplit = 0;
+    c->gpu_ms = -1;
+    c->nsplit = 0;
     if (c->timer && k->nstamp >= 2 &&
         vkGetQueryPoolResults(c->dev, c->timer, 0, k->nstamp, sizeof ts, ts, 8, VK_QUERY_RESULT_64_BIT) == VK_SUCCESS) {
-        g_gpu_ms = (double)(ts[k->nstamp - 1] - ts[0]) * c->tick_ns * 1e-6;
-        for (uint32_t i = 1; i + 1 < k->nstamp; i++) g_split_ms[g_nsplit++] = (double)(ts[i] - ts[i - 1]) * c->tick_ns * 1e-6;
+        c->gpu_ms = (double)(ts[k->nstamp - 1] - ts[0]) * c->tick_ns * 1e-6;
+        for (uint32_t i = 1; i + 1 < k->nstamp; i++) {
+            c->split_name[c->nsplit] = k->name[i];
+            c->split_ms[c->nsplit++] = (double)(ts[i] - ts[i - 1]) * c->tick_ns * 1e-6;
+        }
     }
     for (int i = 0; i < k->ndown; i++) {
         const xfer *x = &k->down[i];
@@ -1231,5 +1234,19 @@ out:
     return abandon(&k, r);
 }
 
+static int vk_gpu_time(void *state, double *ms, const char **names, int max)
+{
+    const vkctx *c = state;
+    if (c->gpu_ms < 0 || max < 1) return 0;
+    ms[0] = c->gpu_ms;
+    if (names) names[0] = "all";
+    int n = 1;
+    for (int i = 0; i < c->nsplit && n < max; i++, n++) {
+        ms[n] = c->split_ms[i];
+        if (names) names[n] = c->split_name[i];
+    }
+    return n;
+}
+
 const kla_backend kla_backend_vulkan = { "vulkan", KLA_F32, vk_usable, vk_open, vk_close,
-                                         vk_forward, vk_backward, vk_decode };
+                                         vk_forward, vk_backward, vk_decode, vk_gpu_time };
