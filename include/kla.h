@@ -209,6 +209,27 @@ KLA_API int kla_backward(KlaContext *ctx, const KlaShape *shape, const KlaOption
 KLA_API int kla_decode(KlaContext *ctx, const KlaShape *shape, const KlaOptions *opt,
                        const KlaTensors *t);
 
+/* ---- decode states kept by the backend ---------------------------------------------- */
+
+/* The states of N sequences, N x HV x K x V values, kept where the context's backend
+ * computes (GPU memory for vulkan), so that a decode loop moves only each token's tensors
+ * instead of the whole state every call. It belongs to ctx: free it before closing ctx.
+ * A new state is zero. Errors are reported through kla_error_detail(ctx). */
+typedef struct KlaState KlaState;
+KLA_API int kla_state_new(KlaContext *ctx, int64_t N, int64_t HV, int64_t K, int64_t V,
+                          KlaState **st);
+/* Frees and sets *st to NULL; NULL and *st == NULL are fine. */
+KLA_API void kla_state_free(KlaState **st);
+/* Sets the state from src: [N, HV, K, V], or [N, HV, V, K] with KLA_LAYOUT_VK; F32 or F64;
+ * every value finite. */
+KLA_API int kla_state_write(KlaState *st, KlaIn src, KlaStateLayout layout);
+/* Copies the state into dst (shape, dtype and layout as for kla_state_write). */
+KLA_API int kla_state_read(KlaState *st, KlaOut dst, KlaStateLayout layout);
+/* kla_decode reading and updating st instead of t->state (which must be absent); shape->B,
+ * HV, K and V must be those of st. opt->state_layout does not apply. */
+KLA_API int kla_decode_state(KlaContext *ctx, const KlaShape *shape, const KlaOptions *opt,
+                             const KlaTensors *t, KlaState *st);
+
 #ifdef __cplusplus
 }
 #endif

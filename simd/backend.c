@@ -409,5 +409,6 @@ static int simd_backward(void *state, const kla_problem *p, int algo, const void
     return fail ? KLA_ENOMEM : 0;
 }
 
-const kla_backend kla_backend_simd = { "simd", KLA_F32, usable, simd_open, simd_close,
-                                       simd_forward, simd_backward, simd_decode, NULL };
+const kla_backend kla_backend_simd = { .name = "simd", .real = KLA_F32, .usable = usable,
+                                       .open = simd_open, .close = simd_close, .forward = simd_forward,
+                                       .backward = simd_backward, .decode = simd_decode };

@@ -191,7 +191,14 @@ static int mul4(int64_t a, int64_t b, int64_t c, int64_t d, int64_t *r)
 static int is_real(KlaDtype d) { return d == KLA_F32 || d == KLA_F64; }
 static size_t dsize(KlaDtype d) { return d == KLA_F64 || d == KLA_I64 ? 8 : 4; }
 
-typedef enum { OP_FORWARD, OP_BACKWARD, OP_DECODE } op_kind;
+typedef enum { OP_FORWARD, OP_BACKWARD, OP_DECODE, OP_DECODE_STATE } op_kind;
+
+struct KlaState {
+    KlaContext *ctx;
+    int64_t N, HV, K, V, n; /* n = N HV K V */
+    void *host;             /* backends without state hooks: backend dtype, KV layout */
+    void *h;                /* else the backend's handle */
+};
 
 /* Sizes of one call, once validated. */
 typedef struct sizes {
@@ -265,7 +272,7 @@ static int read_cu(KlaContext *ctx, const KlaIn *in, int64_t N, int64_t T, int64
 }
 
 static int check_call(KlaContext *ctx, const KlaShape *s, const KlaOptions *o,
-                      const KlaTensors *t, op_kind op, sizes *z, int64_t **cu)
+                      const KlaTensors *t, op_kind op, const KlaState *st, sizes *z, int64_t **cu)
 {
     *cu = NULL;
     int r = check_options(ctx, o);
@@ -297,12 +304,21 @@ static int check_call(KlaContext *ctx, const KlaShape *s, const KlaOptions *o,
         if (!t->beta.data) return kla__fail(ctx, KLA_EINVAL, "tensor beta: missing (mode gdn)");
         if ((r = forbid(ctx, "eta", t->eta.data, "in mode gdn (it takes beta)"))) return r;
     }
-    if (op == OP_DECODE) {
+    if (op == OP_DECODE || op == OP_DECODE_STATE) {
         if (s->T != 1) return kla__fail(ctx, KLA_EINVAL, "shape: decode takes T = 1, got %lld", (long long)s->T);
         if ((r = forbid(ctx, "cu_seqlens", t->cu_seqlens.data, "in decode")) ||
-            (r = forbid(ctx, "h0", t->h0.data, "in decode (the state is t->state)")) ||
-            (r = NEED_OUT(state, 1)))
+            (r = forbid(ctx, "h0", t->h0.data, "in decode (the state is t->state)")))
             return r;
+        if (op == OP_DECODE && (r = NEED_OUT(state, 1))) return r;
+        if (op == OP_DECODE_STATE) {
+            if ((r = forbid(ctx, "state", t->state.data, "with a KlaState (the state is in it)"))) return r;
+            if (st->N != s->B || st->HV != s->HV || st->K != s->K || st->V != s->V)
+                return kla__fail(ctx, KLA_EINVAL,
+                                 "KlaState: holds N=%lld HV=%lld K=%lld V=%lld, the shape asks for "
+                                 "B=%lld HV=%lld K=%lld V=%lld", (long long)st->N, (long long)st->HV,
+                                 (long long)st->K, (long long)st->V, (long long)s->B, (long long)s->HV,
+                                 (long long)s->K, (long long)s->V);
+        }
     } else {
         if ((r = NEED_OUT(ht, 0)) || (r = forbid(ctx, "state", t->state.data, "outside decode")))
             return r;
@@ -437,14 +453,16 @@ enum { I_Q, I_K, I_V, I_G, I_A, I_H0, I_DO, I_DHT, NIN };
 enum { O_O, O_HT, O_DQ, O_DK, O_DV, O_DG, O_DA, O_DH0, O_STATE, NOUT };
 
 static int run(KlaContext *ctx, const KlaShape *shape, const KlaOptions *opt,
-               const KlaTensors *t, op_kind op)
+               const KlaTensors *t, op_kind op, KlaState *kst)
 {
     if (!ctx) return KLA_EINVAL;
     ctx->detail[0] = 0;
     if (!shape || !opt || !t) return kla__fail(ctx, KLA_EINVAL, "NULL shape, options or tensors");
+    if (op == OP_DECODE_STATE && (!kst || kst->ctx != ctx))
+        return kla__fail(ctx, KLA_EINVAL, "KlaState: %s", kst ? "made for another context" : "NULL");
     sizes z = { 0 };
     int64_t *cu = NULL;
-    int r = check_call(ctx, shape, opt, t, op, &z, &cu);
+    int r = check_call(ctx, shape, opt, t, op, kst, &z, &cu);
     if (r) return r;
 
     const KlaDtype R = ctx->be->real;
@@ -486,9 +504,15 @@ static int run(KlaContext *ctx, const KlaShape *shape, const KlaOptions *opt,
                                   bi[I_A].ptr, bi[I_H0].ptr, bi[I_DO].ptr, bi[I_DHT].ptr,
                                   bo[O_O].ptr, bo[O_HT].ptr, bo[O_DQ].ptr, bo[O_DK].ptr,
                                   bo[O_DV].ptr, bo[O_DG].ptr, bo[O_DA].ptr, bo[O_DH0].ptr);
-        else
+        else if (op == OP_DECODE)
             r = ctx->be->decode(st, &p, bi[I_Q].ptr, bi[I_K].ptr, bi[I_V].ptr, bi[I_G].ptr,
                                 bi[I_A].ptr, bo[O_STATE].ptr, bo[O_O].ptr);
+        else if (kst->h)
+            r = ctx->be->decode_state(st, &p, bi[I_Q].ptr, bi[I_K].ptr, bi[I_V].ptr, bi[I_G].ptr,
+                                      bi[I_A].ptr, kst->h, bo[O_O].ptr);
+        else
+            r = ctx->be->decode(st, &p, bi[I_Q].ptr, bi[I_K].ptr, bi[I_V].ptr, bi[I_G].ptr,
+                                bi[I_A].ptr, kst->host, bo[O_O].ptr);
         if (r < 0 && !ctx->detail[0])
             kla__fail(ctx, r, "backend %s: %s", ctx->be->name, kla_strerror(r));
     }
@@ -503,17 +527,106 @@ static int run(KlaContext *ctx, const KlaShape *shape, const KlaOptions *opt,
 
 int kla_forward(KlaContext *ctx, const KlaShape *s, const KlaOptions *o, const KlaTensors *t)
 {
-    return run(ctx, s, o, t, OP_FORWARD);
+    return run(ctx, s, o, t, OP_FORWARD, NULL);
 }
 
 int kla_backward(KlaContext *ctx, const KlaShape *s, const KlaOptions *o, const KlaTensors *t)
 {
-    return run(ctx, s, o, t, OP_BACKWARD);
+    return run(ctx, s, o, t, OP_BACKWARD, NULL);
 }
 
 int kla_decode(KlaContext *ctx, const KlaShape *s, const KlaOptions *o, const KlaTensors *t)
 {
-    return run(ctx, s, o, t, OP_DECODE);
+    return run(ctx, s, o, t, OP_DECODE, NULL);
+}
+
+/* ---- KlaState --------------------------------------------------------------------------- */
+
+int kla_state_new(KlaContext *ctx, int64_t N, int64_t HV, int64_t K, int64_t V, KlaState **out)
+{
+    if (!out) return ctx ? kla__fail(ctx, KLA_EINVAL, "KlaState: NULL result pointer") : KLA_EINVAL;
+    *out = NULL;
+    if (!ctx) return KLA_EINVAL;
+    ctx->detail[0] = 0;
+    const char *what[] = { "N", "HV", "K", "V" };
+    const int64_t d[] = { N, HV, K, V };
+    for (int i = 0; i < 4; i++)
+        if (d[i] <= 0) return kla__fail(ctx, KLA_EINVAL, "KlaState: %s = %lld, must be > 0", what[i], (long long)d[i]);
+    int64_t n;
+    if (!mul4(N, HV, K, V, &n)) return kla__fail(ctx, KLA_ENOMEM, "KlaState: sizes overflow");
+    KlaState *st = calloc(1, sizeof *st);
+    if (!st) return kla__fail(ctx, KLA_ENOMEM, "KlaState: out of memory");
+    *st = (KlaState){ ctx, N, HV, K, V, n, NULL, NULL };
+    const int64_t bytes = n * (int64_t)dsize(ctx->be->real);
+    int r = 0;
+    if (ctx->be->state_new) r = ctx->be->state_new(ctx->state, bytes, &st->h);
+    else if (!(st->host = calloc((size_t)n, dsize(ctx->be->real)))) r = KLA_ENOMEM;
+    if (r) {
+        free(st);
+        return kla__fail(ctx, r, "KlaState: %lld bytes on backend %s: %s", (long long)bytes, ctx->be->name,
+                         kla_strerror(r));
+    }
+    *out = st;
+    return 0;
+}
+
+void kla_state_free(KlaState **st)
+{
+    if (!st || !*st) return;
+    if ((*st)->h) (*st)->ctx->be->state_free((*st)->ctx->state, (*st)->h);
+    free((*st)->host);
+    free(*st);
+    *st = NULL;
+}
+
+/* state <-> a caller's tensor of the given dtype and layout (to_state: write) */
+static int state_xfer(KlaState *st, void *data, KlaDtype dt, KlaStateLayout layout, int to_state)
+{
+    if (!st) return KLA_EINVAL;
+    KlaContext *ctx = st->ctx;
+    ctx->detail[0] = 0;
+    const char *name = to_state ? "src" : "dst";
+    if (!data) return kla__fail(ctx, KLA_EINVAL, "KlaState: %s is NULL", name);
+    if (dt != KLA_F32 && dt != KLA_F64)
+        return kla__fail(ctx, KLA_EINVAL, "KlaState: %s has dtype %d, expected F32 or F64", name, (int)dt);
+    if (layout != KLA_LAYOUT_KV && layout != KLA_LAYOUT_VK)
+        return kla__fail(ctx, KLA_EINVAL, "KlaState: layout %d is neither KV nor VK", (int)layout);
+    const int vk = layout == KLA_LAYOUT_VK;
+    const KlaDtype R = ctx->be->real;
+    if (to_state) {
+        const int64_t sh[] = { st->N, st->HV, vk ? st->V : st->K, vk ? st->K : st->V };
+        int r = kla__check_values(ctx, "state", (KlaIn){ data, dt }, sh, 4, 0);
+        if (r) return r;
+    }
+    void *tmp = st->h ? malloc((size_t)st->n * dsize(R)) : st->host;
+    if (!tmp) return kla__fail(ctx, KLA_ENOMEM, "KlaState: out of memory");
+    int r = 0;
+    if (to_state) {
+        if (vk) transpose(data, dt, tmp, R, st->N * st->HV, st->V, st->K);
+        else convert(data, dt, tmp, R, st->n);
+        if (st->h) r = ctx->be->state_copy(ctx->state, st->h, tmp, st->n * (int64_t)dsize(R), 1);
+    } else {
+        if (st->h) r = ctx->be->state_copy(ctx->state, st->h, tmp, st->n * (int64_t)dsize(R), 0);
+        if (!r && vk) transpose(tmp, R, data, dt, st->N * st->HV, st->K, st->V);
+        else if (!r) convert(tmp, R, data, dt, st->n);
+    }
+    if (st->h) free(tmp);
+    return r ? kla__fail(ctx, r, "KlaState: copy on backend %s: %s", ctx->be->name, kla_strerror(r)) : 0;
+}
+
+int kla_state_write(KlaState *st, KlaIn src, KlaStateLayout layout)
+{
+    return state_xfer(st, (void *)src.data, src.dtype, layout, 1);
+}
+
+int kla_state_read(KlaState *st, KlaOut dst, KlaStateLayout layout)
+{
+    return state_xfer(st, dst.data, dst.dtype, layout, 0);
+}
+
+int kla_decode_state(KlaContext *ctx, const KlaShape *s, const KlaOptions *o, const KlaTensors *t, KlaState *st)
+{
+    return run(ctx, s, o, t, OP_DECODE_STATE, st);
 }
 
 /* ---- the reference backends ------------------------------------------------------------ */
@@ -545,8 +658,9 @@ static int ref_algo(int algo) { return algo == KLA_ALGO_CHUNK ? KLA_ALGO_CHUNK :
         (void)st;                                                                              \
         return kla_ref_decode_##sfx(p, q, k, v, g, a, S, o);                                   \
     }                                                                                          \
-    const kla_backend kla_backend_##NAME = { #NAME, DT, always, NULL, NULL,                   \
-                                             ref_fwd_##sfx, ref_bwd_##sfx, ref_dec_##sfx, NULL };
+    const kla_backend kla_backend_##NAME = { .name = #NAME, .real = DT, .usable = always,     \
+                                             .forward = ref_fwd_##sfx, .backward = ref_bwd_##sfx, \
+                                             .decode = ref_dec_##sfx };
 
 REF_BACKEND(float, f32, ref, KLA_F32)
 REF_BACKEND(double, f64, ref64, KLA_F64)

@@ -34,6 +34,14 @@ typedef struct kla_backend {
                   const void *v, const void *g, const void *a, void *S, void *o);
     /* optional, GPU backends: kla_gpu_time of the last call that succeeded */
     int (*gpu_time)(void *state, double *ms, const char **names, int max);
+    /* optional: KlaState in the backend's own memory (all four, or none: then the glue keeps
+     * the state in host memory, in the backend's dtype and the KV layout, and calls decode).
+     * state_copy moves `bytes` between host (that layout and dtype) and the handle. */
+    int (*state_new)(void *state, int64_t bytes, void **h);
+    void (*state_free)(void *state, void *h);
+    int (*state_copy)(void *state, void *h, void *host, int64_t bytes, int to_backend);
+    int (*decode_state)(void *state, const kla_problem *p, const void *q, const void *k,
+                        const void *v, const void *g, const void *a, void *h, void *o);
 } kla_backend;
 
 extern const kla_backend kla_backend_ref;

@@ -294,7 +294,8 @@ typedef struct gfig {
     int nsplit, ok;
 } gfig;
 
-/* op: 0 forward, 1 backward, 2 decode (P->s has T = 1); reps timed calls after a warm-up */
+/* op: 0 forward, 1 backward, 2 decode (P->s has T = 1), 3 decode with the state in a
+ * KlaState (kept on the GPU); reps timed calls after a warm-up */
 static gfig gpu_time_op(KlaContext *ctx, prob *P, int op, int algo, long chunk, long reps, float *state)
 {
     gfig f = { 0 };
@@ -306,15 +307,24 @@ static gfig gpu_time_op(KlaContext *ctx, prob *P, int op, int algo, long chunk, 
         t.dv = KLA_F32_OUT(P->dv), t.dg = KLA_F32_OUT(P->dg), t.deta = KLA_F32_OUT(P->deta);
     }
     if (op == 2) t.state = KLA_F32_OUT(state);
+    KlaState *kst = NULL;
+    if (op == 3 && (kla_state_new(ctx, P->s.B, P->s.HV, P->s.K, P->s.V, &kst) < 0 ||
+                    kla_state_write(kst, KLA_F32_IN(state), KLA_LAYOUT_KV) < 0)) {
+        fprintf(stderr, "kla bench: %s\n", kla_error_detail(ctx));
+        kla_state_free(&kst);
+        return f;
+    }
     if (reps > 64) reps = 64;
     double wall[64], gpu[64];
     for (long r = -1; r < reps; r++) { /* r = -1: warm-up (pipelines, buffers), untimed */
         const double t0 = now();
         const int e = op == 0 ? kla_forward(ctx, &P->s, &o, &t)
-                    : op == 1 ? kla_backward(ctx, &P->s, &o, &t) : kla_decode(ctx, &P->s, &o, &t);
+                    : op == 1 ? kla_backward(ctx, &P->s, &o, &t)
+                    : op == 2 ? kla_decode(ctx, &P->s, &o, &t) : kla_decode_state(ctx, &P->s, &o, &t, kst);
         const double dt = now() - t0;
         if (e < 0) {
             fprintf(stderr, "kla bench: %s\n", kla_error_detail(ctx));
+            kla_state_free(&kst);
             return f;
         }
         if (r < 0) continue;
@@ -323,12 +333,14 @@ static gfig gpu_time_op(KlaContext *ctx, prob *P, int op, int algo, long chunk, 
         const int n = kla_gpu_time(ctx, ms, nm, 17);
         if (n < 1) {
             fprintf(stderr, "kla bench: backend %s reports no GPU time\n", kla_backend_name(ctx));
+            kla_state_free(&kst);
             return f;
         }
         wall[r] = dt * 1e3, gpu[r] = ms[0];
         f.nsplit = n - 1;
         for (int i = 1; i < n; i++) f.split[i - 1] += ms[i] / (double)reps, f.name[i - 1] = nm[i];
     }
+    kla_state_free(&kst);
     qsort(wall, (size_t)reps, sizeof *wall, cmpd);
     qsort(gpu, (size_t)reps, sizeof *gpu, cmpd);
     f.gpu_med = gpu[reps / 2], f.gpu_min = gpu[0], f.wall_med = wall[reps / 2], f.ok = 1;
@@ -398,10 +410,13 @@ static int bench_gpu(KlaContext *ctx, const bopt *b, int do_fwd, int do_bwd, int
             prob D;
             prob_make(&D, Ns[i], 1, b->H, b->K, b->V, 0);
             float *state = rnd(Ns[i] * b->H * b->K * b->V, -0.01f, 0.01f);
-            gfig f = gpu_time_op(ctx, &D, 2, KLA_ALGO_AUTO, b->chunk, b->reps * 4 + 1, state);
-            char w[64];
-            snprintf(w, sizeof w, "decode, %ld sequence%s", Ns[i], Ns[i] == 1 ? "" : "s");
-            fails += gpu_row(w, &f, b->json, &first);
+            for (int op = 2; op <= 3; op++) {
+                gfig f = gpu_time_op(ctx, &D, op, KLA_ALGO_AUTO, b->chunk, b->reps * 4 + 1, state);
+                char w[64];
+                snprintf(w, sizeof w, "decode, %ld sequence%s%s", Ns[i], Ns[i] == 1 ? "" : "s",
+                         op == 3 ? ", KlaState" : "");
+                fails += gpu_row(w, &f, b->json, &first);
+            }
             free(state);
             prob_free(&D);
         }

@@ -674,6 +674,19 @@ static int run_decode(KlaContext *ctx, const Problem *p, void *o_all, void *ht, 
         goto oom;
     }
 
+    /* While every sequence is active, the state stays in a KlaState (GPU memory on vulkan);
+     * from the first step where some sequence has ended, it is copied back and the steps
+     * gather the active sequences' states on the host. */
+    const KlaDtype sdt = od == ST_F64 ? KLA_F64 : KLA_F32;
+    KlaState *kst = NULL;
+    if (N > 0 && maxlen > 0 &&
+        (kla_state_new(ctx, N, s->HV, s->K, s->V, &kst) < 0 ||
+         kla_state_write(kst, (KlaIn){ ht, sdt }, p->opt.state_layout) < 0)) {
+        ferr(p->path, "%s", kla_error_detail(ctx));
+        kla_state_free(&kst);
+        free(bq); free(bk); free(bv); free(be); free(bg); free(bo); free(bs);
+        goto done;
+    }
     for (int64_t step = 0; step < maxlen; step++) {
         int64_t na = 0;
         for (int64_t n = 0; n < N; n++)
@@ -682,6 +695,15 @@ static int run_decode(KlaContext *ctx, const Problem *p, void *o_all, void *ht, 
                 rows[na++] = start[n] + step;
             }
         int all = na == N;
+        if (!all && kst) {
+            if (kla_state_read(kst, (KlaOut){ ht, sdt }, p->opt.state_layout) < 0) {
+                ferr(p->path, "%s", kla_error_detail(ctx));
+                kla_state_free(&kst);
+                free(bq); free(bk); free(bv); free(be); free(bg); free(bo); free(bs);
+                goto done;
+            }
+            kla_state_free(&kst);
+        }
         gather_rows(bq, p->q, rows, na, qrow * qes);
         gather_rows(bk, p->k, rows, na, qrow * kes);
         gather_rows(bv, p->v, rows, na, vrow * ves);
@@ -708,10 +730,11 @@ static int run_decode(KlaContext *ctx, const Problem *p, void *o_all, void *ht, 
         if (p->eta) t.eta = (KlaIn){ be, kla_dtype(eb->dtype) };
         else t.beta = (KlaIn){ be, kla_dtype(eb->dtype) };
         t.o = (KlaOut){ bo, okd };
-        t.state = (KlaOut){ state, okd };
-        int r = kla_decode(ctx, &ds, &p->opt, &t);
+        if (!kst) t.state = (KlaOut){ state, okd };
+        int r = kst ? kla_decode_state(ctx, &ds, &p->opt, &t, kst) : kla_decode(ctx, &ds, &p->opt, &t);
         if (r < 0) {
             ferr(p->path, "%s (decode step %lld)", kla_error_detail(ctx), (long long)step);
+            kla_state_free(&kst);
             free(bq); free(bk); free(bv); free(be); free(bg); free(bo); free(bs);
             goto done;
         }
@@ -723,6 +746,13 @@ static int run_decode(KlaContext *ctx, const Problem *p, void *o_all, void *ht, 
                        (char *)bs + (size_t)i * srow * oes, srow * oes);
         }
     }
+    if (kst && kla_state_read(kst, (KlaOut){ ht, sdt }, p->opt.state_layout) < 0) {
+        ferr(p->path, "%s", kla_error_detail(ctx));
+        kla_state_free(&kst);
+        free(bq); free(bk); free(bv); free(be); free(bg); free(bo); free(bs);
+        goto done;
+    }
+    kla_state_free(&kst);
     free(bq); free(bk); free(bv); free(be); free(bg); free(bo); free(bs);
     rc = 0;
     goto done;

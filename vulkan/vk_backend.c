@@ -718,6 +718,7 @@ typedef struct call {
     int recording;
     uint32_t nstamp; /* timestamps written */
     const char *name[NSTAMPS]; /* name[i]: the dispatch that timestamp i ends */
+    const vbuf *state; /* decode with a KlaState: bound as h0 (= ht), no transfers */
 } call;
 
 /* Binding `bind` holds `bytes` for this call. */
@@ -770,7 +771,7 @@ static int begin(call *k)
     for (int i = 0; i < NBIND; i++) {
         const int s = c->alias[i];
         VkDeviceSize range = c->used[s] ? c->used[s] : 256;
-        bi[i] = (VkDescriptorBufferInfo){ c->b[s].buf, 0, range };
+        bi[i] = (VkDescriptorBufferInfo){ k->state && s == B_H0 ? k->state->buf : c->b[s].buf, 0, range };
         w[i] = (VkWriteDescriptorSet){ .sType = VK_STRUCTURE_TYPE_WRITE_DESCRIPTOR_SET, .dstSet = c->set,
                                        .dstBinding = (uint32_t)i, .descriptorCount = 1,
                                        .descriptorType = VK_DESCRIPTOR_TYPE_STORAGE_BUFFER, .pBufferInfo = &bi[i] };
@@ -978,7 +979,7 @@ static int bind_prep(call *k, const plan *P, const float *q, const float *kk, co
 
 static int vk_forward_impl(vkctx *c, const kla_problem *p, int algo, const float *q,
                            const float *kk, const float *v, const float *g, const float *a,
-                           const float *h0, float *o, float *ht, int decode)
+                           const float *h0, float *o, float *ht, int decode, const vbuf *state)
 {
     /* the chunkwise kernels unless recurrent was asked for; chunks above 64 tokens are
      * run as 64 (the same result: the chunk size only groups the arithmetic) */
@@ -994,14 +995,15 @@ static int vk_forward_impl(vkctx *c, const kla_problem *p, int algo, const float
         free(P.offs);
         return r;
     }
-    call k = { .c = c };
+    call k = { .c = c, .state = state };
     reset_bindings(c);
     const VkDeviceSize f = 4, nv = (VkDeviceSize)(P.total * P.HV * P.V) * f;
     const VkDeviceSize nst = (VkDeviceSize)(P.N * P.HV * P.K * P.V) * f;
-    P.pc.flags |= (g ? F_G : 0) | (h0 ? F_H0 : 0) | (ht ? F_HT : 0);
+    P.pc.flags |= (g ? F_G : 0) | (h0 || state ? F_H0 : 0) | (ht || state ? F_HT : 0);
+    if (state) c->used[B_H0] = nst; /* the KlaState's buffer, bound in begin() */
     if ((r = bind_prep(&k, &P, q, kk, a)) || (r = upload(&k, B_V, v, nv)) ||
         (r = upload(&k, B_G, g, g ? (VkDeviceSize)(P.total * P.HV) * f : 0)) ||
-        (r = upload(&k, B_H0, h0, h0 ? nst : 0)) || (r = need(&k, B_O, nv)) ||
+        (r = state ? 0 : upload(&k, B_H0, h0, h0 ? nst : 0)) || (r = need(&k, B_O, nv)) ||
         (r = decode ? 0 : need(&k, B_HT, ht ? nst : 0)))
         goto out;
     if (decode) c->alias[B_HT] = B_H0; /* the state is read and written in place */
@@ -1048,14 +1050,100 @@ out:
 static int vk_forward(void *state, const kla_problem *p, int algo, const void *q, const void *k,
                       const void *v, const void *g, const void *a, const void *h0, void *o, void *ht)
 {
-    return vk_forward_impl(state, p, algo, q, k, v, g, a, h0, o, ht, 0);
+    return vk_forward_impl(state, p, algo, q, k, v, g, a, h0, o, ht, 0, NULL);
 }
 
 static int vk_decode(void *state, const kla_problem *p, const void *q, const void *k, const void *v,
                      const void *g, const void *a, void *S, void *o)
 {
     /* one token per sequence with h0 = ht = the state */
-    return vk_forward_impl(state, p, KLA_ALGO_RECURRENT, q, k, v, g, a, S, o, S, 1);
+    return vk_forward_impl(state, p, KLA_ALGO_RECURRENT, q, k, v, g, a, S, o, S, 1, NULL);
+}
+
+/* ---- KlaState: decode states kept in a buffer of their own ----------------------------- */
+
+/* Runs the command buffer (recorded by the caller between begin and end) and waits. */
+static int submit_wait(vkctx *c)
+{
+    VkSubmitInfo si = { .sType = VK_STRUCTURE_TYPE_SUBMIT_INFO, .commandBufferCount = 1, .pCommandBuffers = &c->cb };
+    if (vkEndCommandBuffer(c->cb) != VK_SUCCESS || vkResetFences(c->dev, 1, &c->fence) != VK_SUCCESS ||
+        vkQueueSubmit(c->queue, 1, &si, c->fence) != VK_SUCCESS ||
+        vkWaitForFences(c->dev, 1, &c->fence, VK_TRUE, UINT64_MAX) != VK_SUCCESS)
+        return KLA_EIO;
+    return 0;
+}
+
+static int begin_cb(vkctx *c)
+{
+    VkCommandBufferBeginInfo cbi = { .sType = VK_STRUCTURE_TYPE_COMMAND_BUFFER_BEGIN_INFO,
+                                     .flags = VK_COMMAND_BUFFER_USAGE_ONE_TIME_SUBMIT_BIT };
+    return vkResetCommandBuffer(c->cb, 0) != VK_SUCCESS || vkBeginCommandBuffer(c->cb, &cbi) != VK_SUCCESS
+               ? KLA_EIO
+               : 0;
+}
+
+/* host -> state (to_dev) or state -> host, through the staging buffer unless mapped */
+static int vk_state_copy(void *state, void *h, void *host, int64_t bytes, int to_dev)
+{
+    vkctx *c = state;
+    vbuf *b = h;
+    if (b->map) {
+        if (to_dev) memcpy(b->map, host, (size_t)bytes);
+        else memcpy(host, b->map, (size_t)bytes);
+        return 0;
+    }
+    int r = buf_ensure(c, &c->staging, (VkDeviceSize)bytes, 1);
+    if (r) return r;
+    if (to_dev) memcpy(c->staging.map, host, (size_t)bytes);
+    if ((r = begin_cb(c))) return r;
+    VkBufferCopy bc = { 0, 0, (VkDeviceSize)bytes };
+    vkCmdCopyBuffer(c->cb, to_dev ? c->staging.buf : b->buf, to_dev ? b->buf : c->staging.buf, 1, &bc);
+    barrier(c->cb, VK_PIPELINE_STAGE_TRANSFER_BIT, VK_ACCESS_TRANSFER_WRITE_BIT,
+            to_dev ? VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT : VK_PIPELINE_STAGE_HOST_BIT,
+            to_dev ? VK_ACCESS_SHADER_READ_BIT | VK_ACCESS_SHADER_WRITE_BIT : VK_ACCESS_HOST_READ_BIT);
+    if ((r = submit_wait(c))) return r;
+    if (!to_dev) memcpy(host, c->staging.map, (size_t)bytes);
+    return 0;
+}
+
+static void vk_state_free(void *state, void *h)
+{
+    vkctx *c = state;
+    if (!h) return;
+    vkDeviceWaitIdle(c->dev);
+    buf_free(c, h);
+    free(h);
+}
+
+/* A zeroed buffer of `bytes`: device-local (host-visible where there is no staging) */
+static int vk_state_new(void *state, int64_t bytes, void **h)
+{
+    vkctx *c = state;
+    *h = NULL;
+    if ((VkDeviceSize)bytes > c->props.limits.maxStorageBufferRange) return KLA_ENOMEM;
+    vbuf *b = calloc(1, sizeof *b);
+    if (!b) return KLA_ENOMEM;
+    int r = buf_ensure(c, b, (VkDeviceSize)bytes, c->direct);
+    if (!r && b->map) memset(b->map, 0, (size_t)bytes);
+    if (!r && !b->map && !(r = begin_cb(c))) {
+        vkCmdFillBuffer(c->cb, b->buf, 0, VK_WHOLE_SIZE, 0);
+        barrier(c->cb, VK_PIPELINE_STAGE_TRANSFER_BIT, VK_ACCESS_TRANSFER_WRITE_BIT,
+                VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, VK_ACCESS_SHADER_READ_BIT | VK_ACCESS_SHADER_WRITE_BIT);
+        r = submit_wait(c);
+    }
+    if (r) {
+        buf_free(c, b);
+        free(b);
+        return r;
+    }
+    *h = b;
+    return 0;
+}
+
+static int vk_decode_state(void *state, const kla_problem *p, const void *q, const void *k, const void *v,
+                           const void *g, const void *a, void *h, void *o)
+{
+    return vk_forward_impl(state, p, KLA_ALGO_RECURRENT, q, k, v, g, a, NULL, o, NULL, 1, h);
 }
 
 /*
@@ -1248,5 +1336,9 @@ static int vk_gpu_time(void *state, double *ms, const char **names, int max)
     return n;
 }
 
-const kla_backend kla_backend_vulkan = { "vulkan", KLA_F32, vk_usable, vk_open, vk_close,
-                                         vk_forward, vk_backward, vk_decode, vk_gpu_time };
+const kla_backend kla_backend_vulkan = {
+    .name = "vulkan", .real = KLA_F32, .usable = vk_usable, .open = vk_open, .close = vk_close,
+    .forward = vk_forward, .backward = vk_backward, .decode = vk_decode, .gpu_time = vk_gpu_time,
+    .state_new = vk_state_new, .state_free = vk_state_free, .state_copy = vk_state_copy,
+    .decode_state = vk_decode_state,
+};
