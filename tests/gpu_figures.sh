@@ -1,0 +1,39 @@
+#!/bin/sh
+# gpu_figures.sh BUILD [OUTDIR]: everything issue 5 asks of a real GPU, in one run (a few
+# minutes on an H100): the Vulkan test suite, KlaState, the mid-size check against ref64,
+# the independent float64 oracle (tests/test_indep.py) on the vulkan backend, then
+# `kla bench --backend vulkan` on the issue's shapes (docs/benchmarks.md records them).
+# Each step's output goes to OUTDIR (default .) as well as stdout; the exit status is 1
+# if any check failed.
+B=${1:?usage: gpu_figures.sh BUILD [OUTDIR]}
+O=${2:-.}
+S=$(cd "$(dirname "$0")/.." && pwd)
+mkdir -p "$O" || exit 1
+fail=0
+step() { # step NAME CMD...: run, log, count failure
+    name=$1; shift
+    echo "== $name: $*"
+    "$@" >"$O/$name.txt" 2>&1; rc=$?
+    tail -n 40 "$O/$name.txt"
+    [ $rc -eq 0 ] || { echo "== $name FAILED (exit $rc)"; fail=1; }
+}
+step info "$B/kla" info
+step test_vulkan "$B/tests/test_vulkan"
+step test_state "$B/tests/test_state"
+step vkcheck "$B/tests/vkcheck"
+PY=/usr/bin/python3; [ -x $PY ] || PY=python3
+if $PY -c 'import numpy' 2>/dev/null; then
+    step indep $PY "$S/tests/test_indep.py" --kla "$B/kla" --backends vulkan
+fi
+for shape in "16 128 128" "12 96 192"; do
+    set -- $shape
+    for T in 4096 32768; do
+        step "bench_T${T}_H$1_K$2_V$3" "$B/kla" bench --backend vulkan --T $T --H $1 --K $2 --V $3 \
+            --N 256 --reps 5 --op forward
+    done
+    step "bench_fwdbwd_T32768_H$1_K$2_V$3" "$B/kla" bench --backend vulkan --T 32768 --H $1 --K $2 --V $3 \
+        --reps 3 --op backward
+    step "bench_decode_H$1_K$2_V$3" "$B/kla" bench --backend vulkan --H $1 --K $2 --V $3 --N 256 --reps 8 --op decode
+    step "bench_decode16_H$1_K$2_V$3" "$B/kla" bench --backend vulkan --H $1 --K $2 --V $3 --N 16 --reps 8 --op decode
+done
+exit $fail
