@@ -9,6 +9,12 @@ layout(push_constant) uniform PC {
     int grp, nvb, mode, flags; // HV/H, V blocks per head, 0 = kla / 1 = gdn, F_* bits
     float scale, eps;
     int nchunk, pad;       // chunks (segments) in all sequences
+    // The window of a sequential pass: tokens (rec_fwd, rec_dstate; counted from each
+    // sequence's start), chunks (chunk_state, chunk_dstate; likewise) or segments
+    // (rec_bwd; global) [w0, w1). The host splits a long pass into several dispatches on
+    // devices that cap the loop iterations of an invocation (llvmpipe: 65535); the state
+    // is carried between them in ht (forward passes) or dh0 (state-gradient passes).
+    int w0, w1;
 } pc;
 
 #define F_G 1       // g present

@@ -46,7 +46,8 @@ void main()
     const float scale = pc.scale;
     float dS[K];
 
-    for (uint s = wk; s < uint(pc.nchunk); s += NW) {
+    const uint s1 = uint(min(pc.nchunk, pc.w1));
+    for (uint s = uint(pc.w0) + wk; s < s1; s += NW) {
         const int ts = offs[2 * pc.N + 2 + 2 * int(s)], L = offs[2 * pc.N + 3 + 2 * int(s)] - ts;
         barrier();
         for (uint x = jl; x < uint(L * K); x += WG) {

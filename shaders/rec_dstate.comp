@@ -21,15 +21,22 @@ void main()
     const uint HV = uint(pc.HV), h = hv / uint(pc.grp);
     const bool act = j < uint(V);
     const uint KV = uint(K * V), sbase = (n * HV + hv) * KV + j;
+    const int t0 = offs[n], t1 = offs[n + 1], seg0 = offs[pc.N + 1 + n];
+    // this dispatch's window (windows run last first); unless it holds the sequence's
+    // last token, dS comes from dh0, where the window after it left it
+    const int lo = t0 + pc.w0, hi = t0 + min(t1 - t0, pc.w1);
+    if (lo >= t1 && pc.w0 > 0) return; // the sequence starts in a later-run window
+    const bool first = hi == t1;
     float dS[K];
     for (int i = 0; i < K; i++)
-        dS[i] = act && (pc.flags & F_DHT) != 0 ? dht_in[sbase + uint(i * V)] : 0.0;
-    const int t0 = offs[n], t1 = offs[n + 1], seg0 = offs[pc.N + 1 + n];
+        dS[i] = !act ? 0.0
+              : !first ? dh0_out[sbase + uint(i * V)]
+              : (pc.flags & F_DHT) != 0 ? dht_in[sbase + uint(i * V)] : 0.0;
     const float scale = pc.scale;
     // blocks of TB tokens, last first
-    const int nblk = (t1 - t0 + TB - 1) / TB;
+    const int nblk = (hi - lo + TB - 1) / TB;
     for (int b = nblk - 1; b >= 0; b--) {
-        const int tb = t0 + b * TB, nt = min(TB, t1 - tb);
+        const int tb = lo + b * TB, nt = min(TB, hi - tb);
         barrier();
         for (uint x = jl; x < uint(nt * K); x += WG) {
             uint m = x / uint(K), i = x % uint(K);

@@ -21,15 +21,20 @@ void main()
     const uint HV = uint(pc.HV), h = hv / uint(pc.grp);
     const bool act = j < uint(V);
     const uint sbase = (n * HV + hv) * uint(K * V) + j; // S[i, j] at sbase + i V
+    const int t0 = offs[n], t1 = offs[n + 1];
+    // this dispatch's window of the sequence; past the first, the state comes from ht
+    const int lo = t0 + pc.w0, hi = t0 + min(t1 - t0, pc.w1);
+    if (pc.w0 > 0 && lo >= t1) return; // the sequence ended in an earlier window
     float S[K];
     for (int i = 0; i < K; i++) S[i] = 0.0;
-    if (act && (pc.flags & F_H0) != 0)
+    if (act && pc.w0 > 0)
+        for (int i = 0; i < K; i++) S[i] = ht_out[sbase + uint(i * V)];
+    else if (act && (pc.flags & F_H0) != 0)
         for (int i = 0; i < K; i++) S[i] = h0_in[sbase + uint(i * V)];
-    const int t0 = offs[n], t1 = offs[n + 1];
     const int seg0 = offs[pc.N + 1 + n];
     const float scale = pc.scale;
-    for (int tb = t0; tb < t1; tb += TB) {
-        const int nt = min(TB, t1 - tb);
+    for (int tb = lo; tb < hi; tb += TB) {
+        const int nt = min(TB, hi - tb);
         barrier(); // the previous block is consumed
         for (uint x = jl; x < uint(nt * K); x += WG) {
             uint m = x / uint(K), i = x % uint(K);

@@ -48,6 +48,9 @@ static const tcase cases[] = {
     { "gdn chunk 32, grouped heads, no dht, T = 53", KLA_MODE_GDN, 1, 53, 2, 4, 16, 8, 0, { 0 }, 0, 1, 0, 0, 0, 0, 1, 32, 0 },
     { "kla cu_seqlens with length-0 sequences, vk layout", KLA_MODE_KLA, 0, 0, 1, 2, 8, 8, 5,
       { 0, 19, 16, 0, 3 }, 1, 1, 1, 0, 1, 1, 1, 16, 0 },
+    /* past llvmpipe's 65535 loop iterations per invocation in one pass: runs in windows */
+    { "kla long: T = 260, K = 128, two sequences", KLA_MODE_KLA, 0, 0, 1, 1, 128, 8, 2, { 260, 40 }, 0, 1, 1,
+      0, 0, 1, 0, 32, 0 },
 };
 
 static int ntest, nfail;

@@ -97,6 +97,7 @@ typedef struct pconst {
     int32_t grp, nvb, mode, flags;
     float scale, eps;
     int32_t nchunk, pad;
+    int32_t w0, w1; /* window of a sequential pass (common.glsl) */
 } pconst;
 
 enum {
@@ -180,6 +181,7 @@ typedef struct vkctx {
     VkPhysicalDeviceMemoryProperties mem;
     int direct;   /* buffers mapped directly, no staging */
     int subgroup; /* subgroup arithmetic in compute shaders */
+    int64_t loop_cap; /* loop iterations one invocation may run; 0 = no cap (see window) */
     uint32_t dev_type_local, host_type;
     vbuf b[NBIND];
     vbuf staging;
@@ -598,6 +600,13 @@ static int vk_open(void **state, const KlaParams *params, char *err, size_t errl
     VkPhysicalDeviceSubgroupProperties sg = { .sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_SUBGROUP_PROPERTIES };
     VkPhysicalDeviceProperties2 p2 = { .sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_PROPERTIES_2, .pNext = &sg };
     vkGetPhysicalDeviceProperties2(c->pd, &p2);
+    /* llvmpipe ends every loop of an invocation once it has run 65535 iterations in all
+     * (gallivm's LP_MAX_TGSI_LOOP_ITERATIONS), silently: the sequential passes then run in
+     * windows that stay well under that. KLA_VULKAN_LOOP_CAP=n sets the cap (0: none), to
+     * test the windows on any device. */
+    c->loop_cap = strstr(c->props.deviceName, "llvmpipe") ? 40000 : 0;
+    const char *lc = getenv("KLA_VULKAN_LOOP_CAP");
+    if (lc && *lc) c->loop_cap = strtoll(lc, NULL, 10) > 0 ? strtoll(lc, NULL, 10) : 0;
     c->subgroup = (sg.supportedStages & VK_SHADER_STAGE_COMPUTE_BIT) &&
                   (sg.supportedOperations & VK_SUBGROUP_FEATURE_ARITHMETIC_BIT) &&
                   (sg.supportedOperations & VK_SUBGROUP_FEATURE_BASIC_BIT) && sg.subgroupSize >= 4 &&
@@ -895,6 +904,7 @@ typedef struct plan {
     int64_t N, total, H, HV, K, V;
     uint32_t wg, nvb, ck, bwg;  /* forward columns per group; checkpoint interval; bwd group */
     int64_t nseg;               /* checkpoint slots (or chunks) over all sequences */
+    int64_t maxlen, maxseg;     /* the longest sequence: tokens, segments (or chunks) */
     int32_t *offs;
     int64_t noffs;
 } plan;
@@ -925,7 +935,12 @@ static int make_plan(vkctx *c, const kla_problem *p, int backward, uint32_t chun
     const uint32_t wv = backward ? P->bwg : P->wg;
     P->nvb = (uint32_t)((p->V + wv - 1) / wv);
     int64_t seg = 0;
-    for (int64_t n = 0; n < p->N; n++) seg += (p->cu[n + 1] - p->cu[n] + P->ck - 1) / P->ck;
+    for (int64_t n = 0; n < p->N; n++) {
+        const int64_t len = p->cu[n + 1] - p->cu[n], ns = (len + P->ck - 1) / P->ck;
+        seg += ns;
+        if (len > P->maxlen) P->maxlen = len;
+        if (ns > P->maxseg) P->maxseg = ns;
+    }
     P->nseg = seg;
     /* cu, first segment (chunk) of each sequence, and with chunk: [start, end) per chunk */
     P->noffs = 2 * p->N + 2 + (chunk ? 2 * seg : 0);
@@ -946,7 +961,34 @@ static int make_plan(vkctx *c, const kla_problem *p, int backward, uint32_t chun
                       .total = (int32_t)p->total, .grp = (int32_t)(p->HV / p->H),
                       .nvb = (int32_t)P->nvb, .mode = p->mode == KLA_MODE_GDN,
                       .flags = (p->l2norm_q ? F_L2Q : 0) | (p->l2norm_k ? F_L2K : 0),
-                      .scale = (float)p->scale, .eps = (float)p->eps };
+                      .scale = (float)p->scale, .eps = (float)p->eps, .w0 = 0, .w1 = INT32_MAX };
+    return 0;
+}
+
+/* The window of a sequential pass on a loop-capped device (c->loop_cap): items (tokens,
+ * chunks or segments) per dispatch when one item costs an invocation about per_item loop
+ * iterations, a multiple of align; 0 when the pass fits in one dispatch of n items. */
+static int64_t window_len(const vkctx *c, int64_t per_item, int64_t align, int64_t n)
+{
+    if (!c->loop_cap || n * per_item <= c->loop_cap) return 0;
+    int64_t w = c->loop_cap / per_item / align * align;
+    return w < align ? align : w;
+}
+
+/* A sequential pass as one dispatch, or with window w as dispatches over [0, n) in steps
+ * of w (last window first when reverse), each seeing pc.w0, pc.w1. */
+static int dispatch_seq(call *k, VkPipeline p, const pconst *pc, uint64_t gx, uint32_t gy, uint32_t gz,
+                        int64_t w, int64_t n, int reverse)
+{
+    if (!w) return dispatch(k, p, pc, gx, gy, gz);
+    pconst q = *pc;
+    const int64_t nw = (n + w - 1) / w;
+    for (int64_t i = 0; i < nw; i++) {
+        const int64_t x = reverse ? nw - 1 - i : i;
+        q.w0 = (int32_t)(x * w), q.w1 = (int32_t)(x * w + w);
+        int r = dispatch(k, p, &q, gx, gy, gz);
+        if (r) return r;
+    }
     return 0;
 }
 
@@ -999,12 +1041,14 @@ static int vk_forward_impl(vkctx *c, const kla_problem *p, int algo, const float
     reset_bindings(c);
     const VkDeviceSize f = 4, nv = (VkDeviceSize)(P.total * P.HV * P.V) * f;
     const VkDeviceSize nst = (VkDeviceSize)(P.N * P.HV * P.K * P.V) * f;
-    P.pc.flags |= (g ? F_G : 0) | (h0 || state ? F_H0 : 0) | (ht || state ? F_HT : 0);
+    /* rec_fwd in windows of tokens on a loop-capped device: the state is carried in ht */
+    const int64_t wrec = chunk ? 0 : window_len(c, 3 * P.K + 8, 16, P.maxlen);
+    P.pc.flags |= (g ? F_G : 0) | (h0 || state ? F_H0 : 0) | (ht || state || wrec ? F_HT : 0);
     if (state) c->used[B_H0] = nst; /* the KlaState's buffer, bound in begin() */
     if ((r = bind_prep(&k, &P, q, kk, a)) || (r = upload(&k, B_V, v, nv)) ||
         (r = upload(&k, B_G, g, g ? (VkDeviceSize)(P.total * P.HV) * f : 0)) ||
         (r = state ? 0 : upload(&k, B_H0, h0, h0 ? nst : 0)) || (r = need(&k, B_O, nv)) ||
-        (r = decode ? 0 : need(&k, B_HT, ht ? nst : 0)))
+        (r = decode ? 0 : need(&k, B_HT, ht || wrec ? nst : 0)))
         goto out;
     if (decode) c->alias[B_HT] = B_H0; /* the state is read and written in place */
     download(&k, B_O, o, nv);
@@ -1038,8 +1082,8 @@ static int vk_forward_impl(vkctx *c, const kla_problem *p, int algo, const float
     } else {
         uint32_t tb = 8;
         while (tb > 1 && 4ull * (2ull * tb * P.K + 2 * tb) > c->props.limits.maxComputeSharedMemorySize) tb /= 2;
-        r = dispatch(&k, get_pipe(c, SH_REC_FWD, P.wg, (uint32_t)P.K, (uint32_t)P.V, P.ck, tb), &P.pc,
-                     P.nvb, (uint32_t)P.HV, (uint32_t)P.N);
+        r = dispatch_seq(&k, get_pipe(c, SH_REC_FWD, P.wg, (uint32_t)P.K, (uint32_t)P.V, P.ck, tb), &P.pc,
+                         P.nvb, (uint32_t)P.HV, (uint32_t)P.N, wrec, P.maxlen, 0);
     }
     if (!r) r = finish(&k);
 out:
@@ -1280,7 +1324,12 @@ static int vk_backward(void *state, const kla_problem *p, int algo, const void *
     const VkDeviceSize nscr = nw * slice;
     const VkDeviceSize nck = (VkDeviceSize)P.nseg * P.HV * P.K * P.V * f;
     P.pc.nchunk = (int32_t)P.nseg;
-    P.pc.flags |= (g ? F_G : 0) | (h0 ? F_H0 : 0) | F_HT | (dht ? F_DHT : 0) | (dh0 ? F_DH0 : 0) |
+    /* windows on a loop-capped device: tokens for rec_fwd and rec_dstate (dS carried in
+     * dh0), segments for rec_bwd (about 8 K iterations a token) */
+    const int64_t wtok = window_len(c, 3 * P.K + 8, P.ck, P.maxlen);
+    const int64_t per_seg = ((int64_t)P.nseg + nw - 1) / nw; /* segments per worker */
+    const int64_t wseg = window_len(c, 8 * P.K * P.ck + 64, 1, per_seg) * nw;
+    P.pc.flags |= (g ? F_G : 0) | (h0 ? F_H0 : 0) | F_HT | (dht ? F_DHT : 0) | (dh0 || wtok ? F_DH0 : 0) |
                   (dg ? F_DG : 0);
     if ((r = bind_prep(&k, &P, q, kk, a)) || (r = upload(&k, B_V, v, nv)) ||
         (r = upload(&k, B_G, g, g ? ns : 0)) || (r = upload(&k, B_H0, h0, h0 ? nst : 0)) ||
@@ -1290,7 +1339,7 @@ static int vk_backward(void *state, const kla_problem *p, int algo, const void *
         (r = need(&k, B_DQP, npart * P.K * f)) || (r = need(&k, B_DKP, npart * P.K * f)) ||
         (r = need(&k, B_DSP, npart * 2 * f)) || (r = need(&k, B_DV, nv)) || (r = need(&k, B_DQ, nq)) ||
         (r = need(&k, B_DK, nq)) || (r = need(&k, B_DG, dg ? ns : 0)) || (r = need(&k, B_DA, ns)) ||
-        (r = need(&k, B_DH0, dh0 ? nst : 0)))
+        (r = need(&k, B_DH0, dh0 || wtok ? nst : 0)))
         goto out;
     download(&k, B_O, o, nv);
     download(&k, B_HT, ht, nst);
@@ -1307,12 +1356,12 @@ static int vk_backward(void *state, const kla_problem *p, int algo, const void *
     uint32_t tb = 8;
     while (tb > 1 && 4ull * (2ull * tb * P.K + 2 * tb) > c->props.limits.maxComputeSharedMemorySize) tb /= 2;
     const uint32_t fnvb = (uint32_t)((P.V + P.wg - 1) / P.wg);
-    if ((r = dispatch(&k, get_pipe(c, SH_REC_FWD, P.wg, (uint32_t)P.K, (uint32_t)P.V, P.ck, tb), &fpc,
-                      fnvb, (uint32_t)P.HV, (uint32_t)P.N)) ||
-        (r = dispatch(&k, get_pipe(c, SH_REC_DSTATE, P.wg, (uint32_t)P.K, (uint32_t)P.V, P.ck, tb), &P.pc,
-                      fnvb, (uint32_t)P.HV, (uint32_t)P.N)) ||
-        (r = dispatch(&k, get_pipe(c, SH_REC_BWD, P.bwg, (uint32_t)P.K, (uint32_t)P.V, P.ck, 0), &P.pc,
-                      P.nvb, (uint32_t)P.HV, nw)) ||
+    if ((r = dispatch_seq(&k, get_pipe(c, SH_REC_FWD, P.wg, (uint32_t)P.K, (uint32_t)P.V, P.ck, tb), &fpc,
+                          fnvb, (uint32_t)P.HV, (uint32_t)P.N, wtok, P.maxlen, 0)) ||
+        (r = dispatch_seq(&k, get_pipe(c, SH_REC_DSTATE, P.wg, (uint32_t)P.K, (uint32_t)P.V, P.ck, tb), &P.pc,
+                          fnvb, (uint32_t)P.HV, (uint32_t)P.N, wtok, P.maxlen, 1)) ||
+        (r = dispatch_seq(&k, get_pipe(c, SH_REC_BWD, P.bwg, (uint32_t)P.K, (uint32_t)P.V, P.ck, 0), &P.pc,
+                          P.nvb, (uint32_t)P.HV, nw, wseg, P.nseg, 0)) ||
         (r = dispatch(&k, get_pipe(c, SH_POST, 64, (uint32_t)P.K, 0, 0, 0), &P.pc,
                       (uint64_t)(P.total * P.H), 1, 1)))
         goto out;
