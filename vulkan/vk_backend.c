@@ -1026,8 +1026,10 @@ static int vk_forward_impl(vkctx *c, const kla_problem *p, int algo, const float
     /* the chunkwise kernels unless recurrent was asked for; chunks above 64 tokens are
      * run as 64 (the same result: the chunk size only groups the arithmetic) */
     const uint32_t C = p->chunk > 64 ? 64 : (uint32_t)p->chunk;
-    const uint64_t shm_prep = 4ull * ((uint64_t)C * C + C * 9ull + 8ull * p->K + 8ull * p->V + 4ull * C + 256);
-    const uint64_t shm_out = 4ull * ((uint64_t)C * C + C * 18ull + 8ull * p->V + C);
+    /* chunk_prep, chunk_out: rows padded to cp, 16-deep tiles of 4096 / cp (+4) columns */
+    const uint64_t cp = C <= 16 ? 16 : C <= 32 ? 32 : 64, cvb = 4096 / cp;
+    const uint64_t shm_prep = 4ull * (cp * (cp + 4) + 16 * (cvb + 4) + (cp > 16 ? (cp / 16 - 1) * 256 : 1) + 3 * cp);
+    const uint64_t shm_out = 4ull * (cp * (cp + 4) + 32 * (cp + 4) + 16 * (cvb + 4) + cp);
     const int chunk = !decode && algo != KLA_ALGO_RECURRENT &&
                       shm_prep <= c->props.limits.maxComputeSharedMemorySize &&
                       shm_out <= c->props.limits.maxComputeSharedMemorySize;
@@ -1212,8 +1214,15 @@ static int vk_backward_chunk(vkctx *c, const kla_problem *p, const void *q, cons
     uint32_t C = 64;
     while (C > (uint32_t)p->chunk && C > 1) C /= 2;
     for (;; C /= 2) {
-        const uint64_t prep = 4ull * ((uint64_t)C * C + C * 9ull + 8ull * p->K + 8ull * p->V + 4ull * C + 256);
-        const uint64_t out = 4ull * ((uint64_t)C * C + C * 18ull + 8ull * p->V + C);
+        /* chunk_prep, chunk_out as in the forward; and no larger a chunk than the former
+         * chunk_prep tiling allowed (4 (C^2 + 13C + 8K + 8V + 256) bytes): the later backward
+         * kernels give wrong dq, dk, dg at C = 64 with K = 128, V = 1024 (llvmpipe, 48 KiB
+         * tiling), which that bound never let through */
+        const uint64_t cp = C <= 16 ? 16 : C <= 32 ? 32 : 64, cvb = 4096 / cp;
+        const uint64_t prep = 4ull * (cp * (cp + 4) + 16 * (cvb + 4) + (cp > 16 ? (cp / 16 - 1) * 256 : 1) + 3 * cp);
+        const uint64_t out0 = 4ull * (cp * (cp + 4) + 32 * (cp + 4) + 16 * (cvb + 4) + cp);
+        const uint64_t old = 4ull * ((uint64_t)C * C + C * 9ull + 8ull * p->K + 8ull * p->V + 4ull * C + 256);
+        const uint64_t out = out0 > old ? out0 : old;
         const uint64_t bwd = 4ull * (2ull * C * C + 8ull * C + 512);
         if (prep <= shm && out <= shm && bwd <= shm) break;
         if (C <= 4) return NO_CHUNK_FIT;
