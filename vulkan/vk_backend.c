@@ -1214,17 +1214,21 @@ static int vk_backward_chunk(vkctx *c, const kla_problem *p, const void *q, cons
     uint32_t C = 64;
     while (C > (uint32_t)p->chunk && C > 1) C /= 2;
     for (;; C /= 2) {
-        /* chunk_prep, chunk_out as in the forward; and no larger a chunk than the former
-         * chunk_prep tiling allowed (4 (C^2 + 13C + 8K + 8V + 256) bytes): the later backward
-         * kernels give wrong dq, dk, dg at C = 64 with K = 128, V = 1024 (llvmpipe, 48 KiB
-         * tiling), which that bound never let through */
+        /* chunk_prep, chunk_out as in the forward */
         const uint64_t cp = C <= 16 ? 16 : C <= 32 ? 32 : 64, cvb = 4096 / cp;
         const uint64_t prep = 4ull * (cp * (cp + 4) + 16 * (cvb + 4) + (cp > 16 ? (cp / 16 - 1) * 256 : 1) + 3 * cp);
-        const uint64_t out0 = 4ull * (cp * (cp + 4) + 32 * (cp + 4) + 16 * (cvb + 4) + cp);
-        const uint64_t old = 4ull * ((uint64_t)C * C + C * 9ull + 8ull * p->K + 8ull * p->V + 4ull * C + 256);
-        const uint64_t out = out0 > old ? out0 : old;
-        const uint64_t bwd = 4ull * (2ull * C * C + 8ull * C + 512);
-        if (prep <= shm && out <= shm && bwd <= shm) break;
+        const uint64_t out = 4ull * (cp * (cp + 4) + 32 * (cp + 4) + 16 * (cvb + 4) + cp);
+        /* chunk_bwdv and chunk_bwd (their shared declarations): TR x TC register tiles,
+         * NCG = 256 / (C / TR) column groups, K- and V-wide slab rows of TC * NCG + 4 */
+        const uint64_t TR = C < 4 ? C : 4, NCG = 256 / (C / TR), CP = C + 1ull;
+        const uint64_t VW = (p->V + NCG - 1) / NCG * NCG, KW = (p->K + NCG - 1) / NCG * NCG;
+        const uint64_t KBV = p->V > 256 ? 4 : 16, KB = C < 8 ? C : 8;
+        const uint64_t bwdv = 4ull * (C * (KBV + 1) + KBV * (VW + 4) + 2ull * C * NCG);
+        uint64_t u = 4ull * C * 17ull; /* Gram slabs, C x C matrices, dq/dk slabs: a union */
+        if (u < 2ull * C * CP) u = 2ull * C * CP;
+        if (u < C * CP + 3ull * C * (KB + 1) + 2ull * KB * (KW + 4)) u = C * CP + 3ull * C * (KB + 1) + 2ull * KB * (KW + 4);
+        const uint64_t bwd = 4ull * (u + 2ull * C * NCG + C * (C / TR) + 8ull * C + 256);
+        if (prep <= shm && out <= shm && bwd <= shm && bwdv <= shm) break;
         if (C <= 4) return NO_CHUNK_FIT;
     }
     uint32_t vb = 16, R = 8; /* chunk_state, as in the forward */
