@@ -1019,6 +1019,27 @@ static int bind_prep(call *k, const plan *P, const float *q, const float *kk, co
 
 /* ---- the entry points ------------------------------------------------------------------------ */
 
+/* chunk_state and chunk_dstate tiling (same shared memory, see their headers): vb columns
+ * of S per workgroup, the K rows in quads over at most 32 row groups, a shared tile of tt
+ * tokens (K-sized rows of ks quads), S0 transposed (vb rows of ks quads), vnew of the chunk
+ * (C x vb), at most 64 tile elements per invocation. Returns the workgroup size (0: none). */
+static uint32_t cstate_fit(const vkctx *c, int64_t K, int64_t V, uint32_t C, uint32_t *vb, uint32_t *tt)
+{
+    const uint64_t shm = c->props.limits.maxComputeSharedMemorySize;
+    const uint32_t q = (uint32_t)(K + 3) / 4, qpt = (q + 31) / 32, nr = (q + qpt - 1) / qpt, ks = (nr * qpt) | 1;
+    for (*vb = 16; *vb > 2 && *vb / 2 >= V; *vb /= 2) {}
+    for (;; *vb /= 2) {
+        const uint32_t wg = nr * (*vb / 2);
+        for (*tt = C; *tt >= 1; *tt /= 2) {
+            const uint64_t nt = (C + *tt - 1) / *tt;
+            if (16ull * ks * (*tt + *vb) + 4ull * nt * *tt * *vb <= shm && (uint64_t)*tt * 4 * q <= 64ull * wg &&
+                wg <= c->props.limits.maxComputeWorkGroupInvocations && wg <= c->props.limits.maxComputeWorkGroupSize[0])
+                return wg;
+        }
+        if (*vb <= 2) return 0;
+    }
+}
+
 static int vk_forward_impl(vkctx *c, const kla_problem *p, int algo, const float *q,
                            const float *kk, const float *v, const float *g, const float *a,
                            const float *h0, float *o, float *ht, int decode, const vbuf *state)
@@ -1030,9 +1051,11 @@ static int vk_forward_impl(vkctx *c, const kla_problem *p, int algo, const float
     const uint64_t cp = C <= 16 ? 16 : C <= 32 ? 32 : 64, cvb = 4096 / cp;
     const uint64_t shm_prep = 4ull * (cp * (cp + 4) + 16 * (cvb + 4) + (cp > 16 ? (cp / 16 - 1) * 256 : 1) + 3 * cp);
     const uint64_t shm_out = 4ull * (cp * (cp + 4) + 32 * (cp + 4) + 16 * (cvb + 4) + cp);
+    uint32_t vb = 2, tt = 1;
+    const uint32_t swg = cstate_fit(c, p->K, p->V, C, &vb, &tt);
     const int chunk = !decode && algo != KLA_ALGO_RECURRENT &&
                       shm_prep <= c->props.limits.maxComputeSharedMemorySize &&
-                      shm_out <= c->props.limits.maxComputeSharedMemorySize;
+                      shm_out <= c->props.limits.maxComputeSharedMemorySize && swg;
     plan P;
     int r = make_plan(c, p, 0, chunk ? C : 0, &P);
     if (r) {
@@ -1056,17 +1079,11 @@ static int vk_forward_impl(vkctx *c, const kla_problem *p, int algo, const float
     download(&k, B_O, o, nv);
     download(&k, decode ? B_H0 : B_HT, ht, nst);
 
-    const uint32_t shm = c->props.limits.maxComputeSharedMemorySize;
-    uint32_t vb = 16, R = 8;
     if (chunk) {
         if (P.nseg > c->props.limits.maxComputeWorkGroupCount[0]) {
             r = KLA_ENOMEM;
             goto out;
         }
-        while (vb > 1 && vb / 2 >= P.V) vb /= 2;
-        /* chunk_state's shared memory: a 16-token tile of w or k, 16 x R x vb partials,
-         * vnew of the chunk, decays */
-        while (R > 1 && (P.K % R || 4ull * (16ull * P.K + 16ull * R * vb + (uint64_t)C * vb + C) > shm)) R /= 2;
         if ((r = need(&k, B_W, (VkDeviceSize)(P.total * P.HV * P.K) * f)) || (r = need(&k, B_U, nv)) ||
             (r = need(&k, B_VN, nv)) || (r = need(&k, B_HS, (VkDeviceSize)P.nseg * P.HV * P.K * P.V * f)) ||
             (r = need(&k, B_GC, (VkDeviceSize)(P.total * P.HV) * f)))
@@ -1077,7 +1094,7 @@ static int vk_forward_impl(vkctx *c, const kla_problem *p, int algo, const float
         const uint32_t sp[3] = { (uint32_t)P.K, (uint32_t)P.V, C };
         if (!(r = dispatch(&k, get_pipe(c, SH_CHUNK_PREP, 256, sp[0], sp[1], sp[2], 0), &P.pc, (uint64_t)P.nseg,
                            (uint32_t)P.HV, 1)) &&
-            !(r = dispatch(&k, get_pipe(c, SH_CHUNK_STATE, vb * R, sp[0], sp[1], sp[2], R), &P.pc,
+            !(r = dispatch(&k, get_pipe(c, SH_CHUNK_STATE, swg, sp[0], sp[1], sp[2], tt), &P.pc,
                            (P.V + vb - 1) / vb, (uint32_t)P.HV, (uint32_t)P.N)))
             r = dispatch(&k, get_pipe(c, SH_CHUNK_OUT, 256, sp[0], sp[1], sp[2], 0), &P.pc, (uint64_t)P.nseg,
                          (uint32_t)P.HV, 1);
@@ -1231,19 +1248,10 @@ static int vk_backward_chunk(vkctx *c, const kla_problem *p, const void *q, cons
         if (prep <= shm && out <= shm && bwd <= shm && bwdv <= shm) break;
         if (C <= 4) return NO_CHUNK_FIT;
     }
-    uint32_t vb = 16, R = 8; /* chunk_state, as in the forward */
-    while (vb > 1 && vb / 2 >= p->V) vb /= 2;
-    while (R > 1 && (p->K % R || 4ull * (16ull * p->K + 16ull * R * vb + (uint64_t)C * vb + C) > shm)) R /= 2;
-    if (4ull * (16ull * p->K + 16ull * R * vb + (uint64_t)C * vb + C) > shm) return NO_CHUNK_FIT;
-    /* chunk_dstate: two 8-token tiles of K-sized rows, 8 x R x db partials, dvnew and do
-     * of the chunk (C x db each), decays */
-    uint32_t db = vb, R2 = 8;
-    while (R2 > 1 && p->K % R2) R2 /= 2;
-    while (4ull * (16ull * p->K + 8ull * R2 * db + 2ull * C * db + C) > shm) {
-        if (R2 > 1) R2 /= 2;
-        else if (db > 1) db /= 2;
-        else return NO_CHUNK_FIT;
-    }
+    /* chunk_state and chunk_dstate: the same tiling */
+    uint32_t vb = 2, tt = 1;
+    const uint32_t swg = cstate_fit(c, p->K, p->V, C, &vb, &tt);
+    if (!swg) return NO_CHUNK_FIT;
     plan P;
     int r = make_plan(c, p, 0, C, &P);
     if (r) {
@@ -1288,10 +1296,10 @@ static int vk_backward_chunk(vkctx *c, const kla_problem *p, const void *q, cons
     const uint32_t K = (uint32_t)P.K, V = (uint32_t)P.V, HV = (uint32_t)P.HV;
     if ((r = begin(&k)) || (r = run_prep(&k, &P)) ||
         (r = dispatch(&k, get_pipe(c, SH_CHUNK_PREP, 256, K, V, C, 0), &P.pc, (uint64_t)P.nseg, HV, 1)) ||
-        (r = dispatch(&k, get_pipe(c, SH_CHUNK_STATE, vb * R, K, V, C, R), &P.pc, (P.V + vb - 1) / vb, HV,
+        (r = dispatch(&k, get_pipe(c, SH_CHUNK_STATE, swg, K, V, C, tt), &P.pc, (P.V + vb - 1) / vb, HV,
                       (uint32_t)P.N)) ||
         (r = dispatch(&k, get_pipe(c, SH_CHUNK_OUT, 256, K, V, C, 0), &P.pc, (uint64_t)P.nseg, HV, 1)) ||
-        (r = dispatch(&k, get_pipe(c, SH_CHUNK_DSTATE, db * R2, K, V, C, R2), &P.pc, (P.V + db - 1) / db, HV,
+        (r = dispatch(&k, get_pipe(c, SH_CHUNK_DSTATE, swg, K, V, C, tt), &P.pc, (P.V + vb - 1) / vb, HV,
                       (uint32_t)P.N)) ||
         (r = dispatch(&k, get_pipe(c, SH_CHUNK_BWDV, 256, K, V, C, 0), &P.pc, (uint64_t)P.nseg, HV, 1)) ||
         (r = dispatch(&k, get_pipe(c, SH_CHUNK_BWD, 256, K, V, C, 0), &P.pc, (uint64_t)P.nseg, HV, 1)) ||
