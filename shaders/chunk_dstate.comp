@@ -136,23 +136,30 @@ void main()
         qc[q] = min(qd[q], Q - 1);
     }
     const uint sbase = (n * HV + hv) * KV;
+    // this dispatch's window of the sequence's chunks [cs, ce) (common.glsl; windows run
+    // last first): unless it holds the last chunk, dS comes from dh0, where the window
+    // after it left it
+    const int c0 = offs[pc.N + 1 + int(n)], c1 = offs[pc.N + 2 + int(n)];
+    const int cs = c0 + pc.w0, ce = c0 + min(c1 - c0, pc.w1);
+    if (pc.w0 > 0 && cs >= c1) return; // the sequence starts in a later-run window
+    const bool first = ce == c1;
     vec4 dS[2 * QPT];
     [[unroll]] for (int q = 0; q < QPT; q++)
         [[unroll]] for (int c = 0; c < 2; c++)
             [[unroll]] for (int e = 0; e < 4; e++) {
                 const int row = 4 * qd[q] + e;
-                dS[2 * q + c][e] = row < K && jc[c] < uint(V) && (pc.flags & F_DHT) != 0 ?
-                                   dht_in[sbase + uint(row * V) + jc[c]] : 0.0;
+                const bool inb = row < K && jc[c] < uint(V);
+                dS[2 * q + c][e] = inb && !first ? dh0_out[sbase + uint(row * V) + jc[c]]
+                                 : inb && (pc.flags & F_DHT) != 0 ? dht_in[sbase + uint(row * V) + jc[c]] : 0.0;
             }
-    const int c0 = offs[pc.N + 1 + int(n)], c1 = offs[pc.N + 2 + int(n)];
     int tn = 0, Ln = 0; // the next chunk to run (offsets loaded a chunk ahead)
-    if (c0 < c1) {
-        tn = offs[2 * pc.N + 2 + 2 * (c1 - 1)];
-        Ln = offs[2 * pc.N + 3 + 2 * (c1 - 1)] - tn;
+    if (cs < ce) {
+        tn = offs[2 * pc.N + 2 + 2 * (ce - 1)];
+        Ln = offs[2 * pc.N + 3 + 2 * (ce - 1)] - tn;
         issue(JK, tn, Ln, 0);
     }
-    for (int cid = c1 - 1; cid >= c0; cid--) {
-        const int t0 = tn, L = Ln, cn = max(cid - 1, c0);
+    for (int cid = ce - 1; cid >= cs; cid--) {
+        const int t0 = tn, L = Ln, cn = max(cid - 1, cs);
         tn = offs[2 * pc.N + 2 + 2 * cn];
         Ln = offs[2 * pc.N + 3 + 2 * cn] - tn;
         float glc = 0.0;
@@ -222,7 +229,7 @@ void main()
                 }
                 if (s + 1 < NT) issue(jb, t0, L, s + 1);
                 else if (jb == JW) issue(JQ, t0, L, 0);
-                else if (cid > c0) issue(JK, tn, Ln, 0);
+                else if (cid > cs) issue(JK, tn, Ln, 0);
                 if (jb == JW && s == 0) {
                     const float gL = exp(glc);
                     [[unroll]] for (int q = 0; q < 2 * QPT; q++) dS[q] *= gL;

@@ -130,23 +130,28 @@ void main()
         qc[q] = min(qd[q], Q - 1);
     }
     const uint sbase = (n * HV + hv) * KV;
+    // this dispatch's window of the sequence's chunks [cs, ce) (common.glsl); past the
+    // first window the state comes from ht, where the previous one left it
+    const int c0 = offs[pc.N + 1 + int(n)], c1 = offs[pc.N + 2 + int(n)];
+    const int cs = c0 + pc.w0, ce = c0 + min(c1 - c0, pc.w1);
+    if (pc.w0 > 0 && cs >= c1) return; // the sequence ended in an earlier window
     vec4 S[2 * QPT];
     [[unroll]] for (int q = 0; q < QPT; q++)
         [[unroll]] for (int c = 0; c < 2; c++)
             [[unroll]] for (int e = 0; e < 4; e++) {
                 const int row = 4 * qd[q] + e;
-                S[2 * q + c][e] = row < K && jc[c] < uint(V) && (pc.flags & F_H0) != 0 ?
-                                  h0_in[sbase + uint(row * V) + jc[c]] : 0.0;
+                const bool inb = row < K && jc[c] < uint(V);
+                S[2 * q + c][e] = inb && pc.w0 > 0 ? ht_out[sbase + uint(row * V) + jc[c]]
+                                : inb && (pc.flags & F_H0) != 0 ? h0_in[sbase + uint(row * V) + jc[c]] : 0.0;
             }
-    const int c0 = offs[pc.N + 1 + int(n)], c1 = offs[pc.N + 2 + int(n)];
     int tn = 0, Ln = 0; // the next chunk (offsets loaded a chunk ahead)
-    if (c0 < c1) {
-        tn = offs[2 * pc.N + 2 + 2 * c0];
-        Ln = offs[2 * pc.N + 3 + 2 * c0] - tn;
+    if (cs < ce) {
+        tn = offs[2 * pc.N + 2 + 2 * cs];
+        Ln = offs[2 * pc.N + 3 + 2 * cs] - tn;
         issue(false, tn, Ln, 0);
     }
-    for (int cid = c0; cid < c1; cid++) {
-        const int t0 = tn, L = Ln, cn = min(cid + 1, c1 - 1);
+    for (int cid = cs; cid < ce; cid++) {
+        const int t0 = tn, L = Ln, cn = min(cid + 1, ce - 1);
         tn = offs[2 * pc.N + 2 + 2 * cn];
         Ln = offs[2 * pc.N + 3 + 2 * cn] - tn;
         float glc = 0.0;
@@ -208,7 +213,7 @@ void main()
             barrier(); // the tile is read no more, vns is complete
             put();
             if (s + 1 < NT) issue(true, t0, L, s + 1);
-            else if (cid + 1 < c1) issue(false, tn, Ln, 0);
+            else if (cid + 1 < ce) issue(false, tn, Ln, 0);
             if (s == 0) {
                 const float gL = exp(glc);
                 [[unroll]] for (int q = 0; q < 2 * QPT; q++) S[q] *= gL;

@@ -1066,8 +1066,9 @@ static int vk_forward_impl(vkctx *c, const kla_problem *p, int algo, const float
     reset_bindings(c);
     const VkDeviceSize f = 4, nv = (VkDeviceSize)(P.total * P.HV * P.V) * f;
     const VkDeviceSize nst = (VkDeviceSize)(P.N * P.HV * P.K * P.V) * f;
-    /* rec_fwd in windows of tokens on a loop-capped device: the state is carried in ht */
-    const int64_t wrec = chunk ? 0 : window_len(c, 3 * P.K + 8, 16, P.maxlen);
+    /* rec_fwd in windows of tokens, chunk_state of chunks, on a loop-capped device: the
+     * state is carried in ht */
+    const int64_t wrec = chunk ? window_len(c, P.K + 4 * C + 64, 1, P.maxseg) : window_len(c, 3 * P.K + 8, 16, P.maxlen);
     P.pc.flags |= (g ? F_G : 0) | (h0 || state ? F_H0 : 0) | (ht || state || wrec ? F_HT : 0);
     if (state) c->used[B_H0] = nst; /* the KlaState's buffer, bound in begin() */
     if ((r = bind_prep(&k, &P, q, kk, a)) || (r = upload(&k, B_V, v, nv)) ||
@@ -1094,8 +1095,8 @@ static int vk_forward_impl(vkctx *c, const kla_problem *p, int algo, const float
         const uint32_t sp[3] = { (uint32_t)P.K, (uint32_t)P.V, C };
         if (!(r = dispatch(&k, get_pipe(c, SH_CHUNK_PREP, 256, sp[0], sp[1], sp[2], 0), &P.pc, (uint64_t)P.nseg,
                            (uint32_t)P.HV, 1)) &&
-            !(r = dispatch(&k, get_pipe(c, SH_CHUNK_STATE, swg, sp[0], sp[1], sp[2], tt), &P.pc,
-                           (P.V + vb - 1) / vb, (uint32_t)P.HV, (uint32_t)P.N)))
+            !(r = dispatch_seq(&k, get_pipe(c, SH_CHUNK_STATE, swg, sp[0], sp[1], sp[2], tt), &P.pc,
+                               (P.V + vb - 1) / vb, (uint32_t)P.HV, (uint32_t)P.N, wrec, P.maxseg, 0)))
             r = dispatch(&k, get_pipe(c, SH_CHUNK_OUT, 256, sp[0], sp[1], sp[2], 0), &P.pc, (uint64_t)P.nseg,
                          (uint32_t)P.HV, 1);
     } else {
@@ -1268,7 +1269,10 @@ static int vk_backward_chunk(vkctx *c, const kla_problem *p, const void *q, cons
     const VkDeviceSize nch = (VkDeviceSize)P.nseg * P.HV * P.K * P.V * f;
     P.pc.nvb = 1;
     P.pc.nchunk = (int32_t)P.nseg;
-    P.pc.flags |= (g ? F_G : 0) | (h0 ? F_H0 : 0) | F_HT | (dht ? F_DHT : 0) | (dh0 ? F_DH0 : 0) |
+    /* chunk_state and chunk_dstate in windows of chunks on a loop-capped device (the
+     * state carried in ht, its gradient in dh0) */
+    const int64_t wch = window_len(c, P.K + 4 * C + 64, 1, P.maxseg);
+    P.pc.flags |= (g ? F_G : 0) | (h0 ? F_H0 : 0) | F_HT | (dht ? F_DHT : 0) | (dh0 || wch ? F_DH0 : 0) |
                   (dg ? F_DG : 0) | F_TM | F_DVI;
     if (P.nseg > c->props.limits.maxComputeWorkGroupCount[0]) {
         r = KLA_ENOMEM;
@@ -1283,7 +1287,7 @@ static int vk_backward_chunk(vkctx *c, const kla_problem *p, const void *q, cons
         (r = need(&k, B_CKPT, 2 * nv)) || (r = need(&k, B_DCK, nch)) || (r = need(&k, B_DQP, nkv)) ||
         (r = need(&k, B_DKP, nkv)) || (r = need(&k, B_DSP, 2 * ns)) || (r = need(&k, B_DV, nv)) ||
         (r = need(&k, B_DQ, nq)) || (r = need(&k, B_DK, nq)) || (r = need(&k, B_DG, dg ? ns : 0)) ||
-        (r = need(&k, B_DA, ns)) || (r = need(&k, B_DH0, dh0 ? nst : 0)))
+        (r = need(&k, B_DA, ns)) || (r = need(&k, B_DH0, dh0 || wch ? nst : 0)))
         goto out;
     download(&k, B_O, o, nv);
     download(&k, B_HT, ht, nst);
@@ -1296,11 +1300,11 @@ static int vk_backward_chunk(vkctx *c, const kla_problem *p, const void *q, cons
     const uint32_t K = (uint32_t)P.K, V = (uint32_t)P.V, HV = (uint32_t)P.HV;
     if ((r = begin(&k)) || (r = run_prep(&k, &P)) ||
         (r = dispatch(&k, get_pipe(c, SH_CHUNK_PREP, 256, K, V, C, 0), &P.pc, (uint64_t)P.nseg, HV, 1)) ||
-        (r = dispatch(&k, get_pipe(c, SH_CHUNK_STATE, swg, K, V, C, tt), &P.pc, (P.V + vb - 1) / vb, HV,
-                      (uint32_t)P.N)) ||
+        (r = dispatch_seq(&k, get_pipe(c, SH_CHUNK_STATE, swg, K, V, C, tt), &P.pc, (P.V + vb - 1) / vb, HV,
+                          (uint32_t)P.N, wch, P.maxseg, 0)) ||
         (r = dispatch(&k, get_pipe(c, SH_CHUNK_OUT, 256, K, V, C, 0), &P.pc, (uint64_t)P.nseg, HV, 1)) ||
-        (r = dispatch(&k, get_pipe(c, SH_CHUNK_DSTATE, swg, K, V, C, tt), &P.pc, (P.V + vb - 1) / vb, HV,
-                      (uint32_t)P.N)) ||
+        (r = dispatch_seq(&k, get_pipe(c, SH_CHUNK_DSTATE, swg, K, V, C, tt), &P.pc, (P.V + vb - 1) / vb, HV,
+                          (uint32_t)P.N, wch, P.maxseg, 1)) ||
         (r = dispatch(&k, get_pipe(c, SH_CHUNK_BWDV, 256, K, V, C, 0), &P.pc, (uint64_t)P.nseg, HV, 1)) ||
         (r = dispatch(&k, get_pipe(c, SH_CHUNK_BWD, 256, K, V, C, 0), &P.pc, (uint64_t)P.nseg, HV, 1)) ||
         (r = dispatch(&k, get_pipe(c, SH_POST, 64, K, 0, 0, 0), &P.pc, (uint64_t)(P.total * P.H), 1, 1)))
