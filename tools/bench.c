@@ -116,16 +116,23 @@ static KlaContext *open_ctx(const char *backend, int threads, unsigned cpu)
     return ctx;
 }
 
+/* the tensors of P for forward (and decode), or with the gradients for backward */
+static KlaTensors tensors(const prob *P, int backward)
+{
+    KlaTensors t = { .q = KLA_F32_IN(P->q), .k = KLA_F32_IN(P->k), .v = KLA_F32_IN(P->v),
+                     .g = KLA_F32_IN(P->g), .eta = KLA_F32_IN(P->eta), .o = KLA_F32_OUT(P->o) };
+    if (backward) {
+        t.dout = KLA_F32_IN(P->dout), t.dq = KLA_F32_OUT(P->dq), t.dk = KLA_F32_OUT(P->dk);
+        t.dv = KLA_F32_OUT(P->dv), t.dg = KLA_F32_OUT(P->dg), t.deta = KLA_F32_OUT(P->deta);
+    }
+    return t;
+}
+
 /* best time of reps runs of forward (op 0) or backward (op 1) */
 static double time_op(KlaContext *ctx, prob *P, int op, int algo, long chunk, long reps)
 {
     KlaOptions o = options(algo, chunk);
-    KlaTensors t = { .q = KLA_F32_IN(P->q), .k = KLA_F32_IN(P->k), .v = KLA_F32_IN(P->v),
-                     .g = KLA_F32_IN(P->g), .eta = KLA_F32_IN(P->eta), .o = KLA_F32_OUT(P->o) };
-    if (op == 1) {
-        t.dout = KLA_F32_IN(P->dout), t.dq = KLA_F32_OUT(P->dq), t.dk = KLA_F32_OUT(P->dk);
-        t.dv = KLA_F32_OUT(P->dv), t.dg = KLA_F32_OUT(P->dg), t.deta = KLA_F32_OUT(P->deta);
-    }
+    KlaTensors t = tensors(P, op == 1);
     double best = INFINITY;
     for (long r = -1; r < reps; r++) { /* r = -1: warm-up (threads, page faults), untimed */
         const double t0 = now();
@@ -300,12 +307,7 @@ static gfig gpu_time_op(KlaContext *ctx, prob *P, int op, int algo, long chunk, 
 {
     gfig f = { 0 };
     KlaOptions o = options(algo, chunk);
-    KlaTensors t = { .q = KLA_F32_IN(P->q), .k = KLA_F32_IN(P->k), .v = KLA_F32_IN(P->v),
-                     .g = KLA_F32_IN(P->g), .eta = KLA_F32_IN(P->eta), .o = KLA_F32_OUT(P->o) };
-    if (op == 1) {
-        t.dout = KLA_F32_IN(P->dout), t.dq = KLA_F32_OUT(P->dq), t.dk = KLA_F32_OUT(P->dk);
-        t.dv = KLA_F32_OUT(P->dv), t.dg = KLA_F32_OUT(P->dg), t.deta = KLA_F32_OUT(P->deta);
-    }
+    KlaTensors t = tensors(P, op == 1);
     if (op == 2) t.state = KLA_F32_OUT(state);
     KlaState *kst = NULL;
     if (op == 3 && (kla_state_new(ctx, P->s.B, P->s.HV, P->s.K, P->s.V, &kst) < 0 ||
