@@ -612,8 +612,9 @@ static int vk_open(void **state, const KlaParams *params, char *err, size_t errl
                   (sg.supportedOperations & VK_SUBGROUP_FEATURE_BASIC_BIT) && sg.subgroupSize >= 4 &&
                   !env_on("KLA_VULKAN_NO_SUBGROUP");
     /* map everything directly unless the device is discrete (where device-local memory
-     * read by the host crosses the bus) */
-    c->direct = c->props.deviceType != VK_PHYSICAL_DEVICE_TYPE_DISCRETE_GPU;
+     * read by the host crosses the bus); KLA_VULKAN_STAGING=1 forces the discrete path
+     * (device-local buffers, staging copies), to test it on any device */
+    c->direct = c->props.deviceType != VK_PHYSICAL_DEVICE_TYPE_DISCRETE_GPU && !env_on("KLA_VULKAN_STAGING");
     if (c->direct) {
         int ok = 0;
         for (uint32_t i = 0; i < c->mem.memoryTypeCount; i++) {
