@@ -683,9 +683,7 @@ static int run_decode(KlaContext *ctx, const Problem *p, void *o_all, void *ht, 
         (kla_state_new(ctx, N, s->HV, s->K, s->V, &kst) < 0 ||
          kla_state_write(kst, (KlaIn){ ht, sdt }, p->opt.state_layout) < 0)) {
         ferr(p->path, "%s", kla_error_detail(ctx));
-        kla_state_free(&kst);
-        free(bq); free(bk); free(bv); free(be); free(bg); free(bo); free(bs);
-        goto done;
+        goto fail;
     }
     for (int64_t step = 0; step < maxlen; step++) {
         int64_t na = 0;
@@ -698,9 +696,7 @@ static int run_decode(KlaContext *ctx, const Problem *p, void *o_all, void *ht, 
         if (!all && kst) {
             if (kla_state_read(kst, (KlaOut){ ht, sdt }, p->opt.state_layout) < 0) {
                 ferr(p->path, "%s", kla_error_detail(ctx));
-                kla_state_free(&kst);
-                free(bq); free(bk); free(bv); free(be); free(bg); free(bo); free(bs);
-                goto done;
+                goto fail;
             }
             kla_state_free(&kst);
         }
@@ -734,9 +730,7 @@ static int run_decode(KlaContext *ctx, const Problem *p, void *o_all, void *ht, 
         int r = kst ? kla_decode_state(ctx, &ds, &p->opt, &t, kst) : kla_decode(ctx, &ds, &p->opt, &t);
         if (r < 0) {
             ferr(p->path, "%s (decode step %lld)", kla_error_detail(ctx), (long long)step);
-            kla_state_free(&kst);
-            free(bq); free(bk); free(bv); free(be); free(bg); free(bo); free(bs);
-            goto done;
+            goto fail;
         }
         for (int64_t i = 0; i < na; i++) {
             memcpy((char *)o_all + (size_t)rows[i] * vrow * oes,
@@ -748,13 +742,12 @@ static int run_decode(KlaContext *ctx, const Problem *p, void *o_all, void *ht, 
     }
     if (kst && kla_state_read(kst, (KlaOut){ ht, sdt }, p->opt.state_layout) < 0) {
         ferr(p->path, "%s", kla_error_detail(ctx));
-        kla_state_free(&kst);
-        free(bq); free(bk); free(bv); free(be); free(bg); free(bo); free(bs);
-        goto done;
+        goto fail;
     }
+    rc = 0;
+fail:
     kla_state_free(&kst);
     free(bq); free(bk); free(bv); free(be); free(bg); free(bo); free(bs);
-    rc = 0;
     goto done;
 oom:
     fprintf(stderr, "kla: out of memory\n");
