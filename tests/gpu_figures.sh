@@ -21,9 +21,14 @@ step info "$B/kla" info
 step test_vulkan "$B/tests/test_vulkan"
 step test_state "$B/tests/test_state"
 step vkcheck "$B/tests/vkcheck"
-PY=/usr/bin/python3; [ -x $PY ] || PY=python3
-if $PY -c 'import numpy' 2>/dev/null; then
-    step indep $PY "$S/tests/test_indep.py" --kla "$B/kla" --backends vulkan
+PY=
+for p in /usr/bin/python3 python3 python; do # the first Python that has numpy
+    if [ -z "$PY" ] && "$p" -c 'import numpy' 2>/dev/null; then PY=$p; fi
+done
+if [ -n "$PY" ]; then
+    step indep "$PY" "$S/tests/test_indep.py" --kla "$B/kla" --backends vulkan
+else
+    echo "== indep FAILED: no Python with numpy"; fail=1
 fi
 for shape in "16 128 128" "12 96 192"; do
     set -- $shape

@@ -256,7 +256,7 @@ int main(void)
     for (char *line = strtok(devs, "\n"); line; line = strtok(NULL, "\n")) printf("#   %s\n", line);
     const int ncases = (int)(sizeof cases / sizeof cases[0]);
     /* per case: 2 forwards x 2 tensors, 2 backwards x 8 tensors, decode 2; + devices + messages */
-    printf("1..%d\n", ncases * 22 + 6);
+    printf("1..%d\n", ncases * 22 + 6 + 2 * 22 + 1);
     ok(nd >= 1, "%s%s", "kla_vulkan_devices lists the device", "");
     {
         /* device choice: a missing index, and a name that matches nothing, fail cleanly */
@@ -279,6 +279,31 @@ int main(void)
         ok(r2 == KLA_ENODEV && r3 == 0, "%s%s", "KLA_VULKAN_DEVICE by name (no match) and by index", "");
     }
     for (int i = 0; i < ncases; i++) run_case(vk, ref, &cases[i]);
+    {
+        /* KLA_VULKAN_PASSES (kla bench): each call's dispatches recorded 3 times; every pass
+         * must recompute the same outputs (nothing accumulates across passes), decode runs
+         * once (it updates the state in place) */
+        KlaContext *x = NULL;
+        KlaParams q;
+        kla_default_params(&q);
+        q.backend = "vulkan";
+        setenv("KLA_VULKAN_PASSES", "0", 1);
+        const int r0 = kla_open(&x, &q);
+        kla_close(&x);
+        ok(r0 == KLA_EINVAL, "%s%s", "KLA_VULKAN_PASSES=0: KLA_EINVAL", "");
+        setenv("KLA_VULKAN_PASSES", "3", 1);
+        if (kla_open(&x, &q) < 0) x = NULL;
+        unsetenv("KLA_VULKAN_PASSES");
+        for (int i = 0; i < 2; i++) {
+            tcase c = cases[i ? 16 : 5]; /* packed sequences with empty ones; h0 and dht */
+            char name[96];
+            snprintf(name, sizeof name, "3 passes: %s", c.name);
+            c.name = name;
+            if (x) run_case(x, ref, &c);
+            else for (int j = 0; j < 22; j++) ok(0, "%s%s", "3 passes: the context did not open", "");
+        }
+        kla_close(&x);
+    }
     {
         /* kla_gpu_time after the last case's decode (prep, rec_fwd), and 0 on a CPU backend */
         double ms[8];

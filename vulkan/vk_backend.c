@@ -182,6 +182,8 @@ typedef struct vkctx {
     int direct;   /* buffers mapped directly, no staging */
     int subgroup; /* subgroup arithmetic in compute shaders */
     int64_t loop_cap; /* loop iterations one invocation may run; 0 = no cap (see window) */
+    int stats;    /* KLA_VULKAN_PIPELINE_STATS: print each new pipeline's driver statistics */
+    int passes;   /* KLA_VULKAN_PASSES: forward/backward dispatches recorded n times, last timed */
     uint32_t dev_type_local, host_type;
     vbuf b[NBIND];
     vbuf staging;
@@ -489,6 +491,42 @@ static int buf_ensure(vkctx *c, vbuf *b, VkDeviceSize bytes, int host)
 
 /* ---- pipelines --------------------------------------------------------------------------- */
 
+/* KLA_VULKAN_PIPELINE_STATS=1: the driver's statistics of a new pipeline (registers,
+ * shared memory, spills: whatever the driver reports) on stderr, one line per pipeline */
+static void print_stats(vkctx *c, VkPipeline p, int shader, const uint32_t spec[5])
+{
+    PFN_vkGetPipelineExecutablePropertiesKHR props =
+        (PFN_vkGetPipelineExecutablePropertiesKHR)vkGetDeviceProcAddr(c->dev, "vkGetPipelineExecutablePropertiesKHR");
+    PFN_vkGetPipelineExecutableStatisticsKHR stats =
+        (PFN_vkGetPipelineExecutableStatisticsKHR)vkGetDeviceProcAddr(c->dev, "vkGetPipelineExecutableStatisticsKHR");
+    if (!props || !stats) return;
+    VkPipelineInfoKHR pi = { .sType = VK_STRUCTURE_TYPE_PIPELINE_INFO_KHR, .pipeline = p };
+    VkPipelineExecutablePropertiesKHR ep[4];
+    uint32_t ne = 4;
+    for (uint32_t i = 0; i < ne; i++) ep[i] = (VkPipelineExecutablePropertiesKHR){ .sType = VK_STRUCTURE_TYPE_PIPELINE_EXECUTABLE_PROPERTIES_KHR };
+    if (props(c->dev, &pi, &ne, ep) < 0) return;
+    for (uint32_t e = 0; e < ne; e++) {
+        VkPipelineExecutableInfoKHR ei = { .sType = VK_STRUCTURE_TYPE_PIPELINE_EXECUTABLE_INFO_KHR,
+                                           .pipeline = p, .executableIndex = e };
+        VkPipelineExecutableStatisticKHR st[32];
+        uint32_t ns = 32;
+        for (uint32_t i = 0; i < ns; i++) st[i] = (VkPipelineExecutableStatisticKHR){ .sType = VK_STRUCTURE_TYPE_PIPELINE_EXECUTABLE_STATISTIC_KHR };
+        if (stats(c->dev, &ei, &ns, st) < 0) continue;
+        fprintf(stderr, "kla vulkan: pipeline %s (spec %u %u %u %u %u), %s, subgroup %u:", shader_name[shader],
+                spec[0], spec[1], spec[2], spec[3], spec[4], ep[e].name, ep[e].subgroupSize);
+        for (uint32_t i = 0; i < ns; i++) {
+            fprintf(stderr, " %s=", st[i].name);
+            switch (st[i].format) {
+            case VK_PIPELINE_EXECUTABLE_STATISTIC_FORMAT_BOOL32_KHR: fprintf(stderr, "%u", st[i].value.b32); break;
+            case VK_PIPELINE_EXECUTABLE_STATISTIC_FORMAT_INT64_KHR: fprintf(stderr, "%lld", (long long)st[i].value.i64); break;
+            case VK_PIPELINE_EXECUTABLE_STATISTIC_FORMAT_UINT64_KHR: fprintf(stderr, "%llu", (unsigned long long)st[i].value.u64); break;
+            default: fprintf(stderr, "%g", st[i].value.f64); break;
+            }
+        }
+        fputc('\n', stderr);
+    }
+}
+
 static VkPipeline get_pipe(vkctx *c, int shader, uint32_t s0, uint32_t s1, uint32_t s2,
                            uint32_t s3, uint32_t s4)
 {
@@ -513,6 +551,7 @@ static VkPipeline get_pipe(vkctx *c, int shader, uint32_t s0, uint32_t s1, uint3
     VkSpecializationInfo si = { 5, me, sizeof spec, spec };
     VkComputePipelineCreateInfo ci = {
         .sType = VK_STRUCTURE_TYPE_COMPUTE_PIPELINE_CREATE_INFO,
+        .flags = c->stats ? VK_PIPELINE_CREATE_CAPTURE_STATISTICS_BIT_KHR : 0,
         .stage = { .sType = VK_STRUCTURE_TYPE_PIPELINE_SHADER_STAGE_CREATE_INFO,
                    .stage = VK_SHADER_STAGE_COMPUTE_BIT, .module = c->mod[shader],
                    .pName = "main", .pSpecializationInfo = &si },
@@ -522,6 +561,7 @@ static VkPipeline get_pipe(vkctx *c, int shader, uint32_t s0, uint32_t s1, uint3
     if (vkCreateComputePipelines(c->dev, VK_NULL_HANDLE, 1, &ci, NULL, &p) != VK_SUCCESS)
         return VK_NULL_HANDLE;
     c->pipes[c->npipes++] = (vkpipe){ shader, { s0, s1, s2, s3, s4 }, p, c->epoch };
+    if (c->stats) print_stats(c, p, shader, spec);
     return p;
 }
 
@@ -605,6 +645,14 @@ static int vk_open(void **state, const KlaParams *params, char *err, size_t errl
      * windows that stay well under that. KLA_VULKAN_LOOP_CAP=n sets the cap (0: none), to
      * test the windows on any device. */
     c->loop_cap = strstr(c->props.deviceName, "llvmpipe") ? 40000 : 0;
+    const char *np = getenv("KLA_VULKAN_PASSES");
+    char *npe = NULL;
+    c->passes = np && *np ? (int)strtol(np, &npe, 10) : 1;
+    if ((npe && *npe) || c->passes < 1 || c->passes > 16) {
+        snprintf(err, errlen, "KLA_VULKAN_PASSES=%s: expected an integer in [1, 16]", np);
+        vk_close(c);
+        return KLA_EINVAL;
+    }
     const char *lc = getenv("KLA_VULKAN_LOOP_CAP");
     if (lc && *lc) c->loop_cap = strtoll(lc, NULL, 10) > 0 ? strtoll(lc, NULL, 10) : 0;
     c->subgroup = (sg.supportedStages & VK_SHADER_STAGE_COMPUTE_BIT) &&
@@ -630,11 +678,34 @@ static int vk_open(void **state, const KlaParams *params, char *err, size_t errl
         return KLA_ENODEV;
     }
 
+    /* device extensions: the portability subset where the device has it (MoltenVK; the
+     * spec requires enabling it), pipeline statistics when asked for */
+    const char *dexts[2];
+    uint32_t ndx = 0, nde = 0;
+    VkExtensionProperties *de = NULL;
+    if (vkEnumerateDeviceExtensionProperties(c->pd, NULL, &nde, NULL) == VK_SUCCESS && nde &&
+        (de = calloc(nde, sizeof *de)) != NULL &&
+        vkEnumerateDeviceExtensionProperties(c->pd, NULL, &nde, de) != VK_SUCCESS)
+        nde = 0;
+    if (has_ext(de, nde, "VK_KHR_portability_subset")) dexts[ndx++] = "VK_KHR_portability_subset";
+    VkPhysicalDevicePipelineExecutablePropertiesFeaturesKHR pef = {
+        .sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_PIPELINE_EXECUTABLE_PROPERTIES_FEATURES_KHR,
+        .pipelineExecutableInfo = VK_TRUE };
+    if (env_on("KLA_VULKAN_PIPELINE_STATS")) {
+        if (has_ext(de, nde, VK_KHR_PIPELINE_EXECUTABLE_PROPERTIES_EXTENSION_NAME)) {
+            dexts[ndx++] = VK_KHR_PIPELINE_EXECUTABLE_PROPERTIES_EXTENSION_NAME;
+            c->stats = 1;
+        } else
+            fprintf(stderr, "kla vulkan: %s has no %s: no pipeline statistics\n", c->props.deviceName,
+                    VK_KHR_PIPELINE_EXECUTABLE_PROPERTIES_EXTENSION_NAME);
+    }
+    free(de);
     const float prio = 1.0f;
     VkDeviceQueueCreateInfo qi = { .sType = VK_STRUCTURE_TYPE_DEVICE_QUEUE_CREATE_INFO,
                                    .queueFamilyIndex = c->qfam, .queueCount = 1, .pQueuePriorities = &prio };
     VkDeviceCreateInfo di = { .sType = VK_STRUCTURE_TYPE_DEVICE_CREATE_INFO, .queueCreateInfoCount = 1,
-                              .pQueueCreateInfos = &qi };
+                              .pNext = c->stats ? &pef : NULL, .pQueueCreateInfos = &qi,
+                              .enabledExtensionCount = ndx, .ppEnabledExtensionNames = dexts };
     CHECK(vkCreateDevice(c->pd, &di, NULL, &c->dev), "vkCreateDevice");
     vkGetDeviceQueue(c->dev, c->qfam, 0, &c->queue);
 
@@ -726,6 +797,7 @@ typedef struct call {
     xfer up[16], down[16];
     int nup, ndown;
     int recording;
+    int quiet;       /* a pass that is not timed (KLA_VULKAN_PASSES) */
     uint32_t nstamp; /* timestamps written */
     const char *name[NSTAMPS]; /* name[i]: the dispatch that timestamp i ends */
     const vbuf *state; /* decode with a KlaState: bound as h0 (= ht), no transfers */
@@ -802,12 +874,23 @@ static int begin(call *k)
                 VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, VK_ACCESS_SHADER_READ_BIT | VK_ACCESS_SHADER_WRITE_BIT);
     }
     vkCmdBindDescriptorSets(c->cb, VK_PIPELINE_BIND_POINT_COMPUTE, c->pl, 0, 1, &c->set, 0, NULL);
-    if (c->timer) {
-        vkCmdResetQueryPool(c->cb, c->timer, 0, NSTAMPS);
-        vkCmdWriteTimestamp(c->cb, VK_PIPELINE_STAGE_TOP_OF_PIPE_BIT, c->timer, 0);
-        k->nstamp = 1;
-    }
+    if (c->timer) vkCmdResetQueryPool(c->cb, c->timer, 0, NSTAMPS);
     return 0;
+}
+
+/* Starts pass `pass` of `n` of a call's dispatches; only the last is timed. Every pass
+ * recomputes the same outputs from the inputs, so repeating them changes nothing but the
+ * time: a benchmark (KLA_VULKAN_PASSES) times the last pass, with the GPU at full clock
+ * after the first ones, as it is when a training step follows another. */
+static void pass_start(call *k, int pass, int n)
+{
+    vkctx *c = k->c;
+    k->quiet = pass < n - 1;
+    if (!c->timer || k->quiet) return;
+    /* after earlier passes: when they have completed (the barrier after each dispatch) */
+    vkCmdWriteTimestamp(c->cb, pass ? VK_PIPELINE_STAGE_BOTTOM_OF_PIPE_BIT : VK_PIPELINE_STAGE_TOP_OF_PIPE_BIT,
+                        c->timer, 0);
+    k->nstamp = 1;
 }
 
 /* Records one dispatch, then a barrier so the next one sees its writes. gx may be large:
@@ -829,7 +912,7 @@ static int dispatch(call *k, VkPipeline p, const pconst *pc, uint64_t gx, uint32
     vkCmdBindPipeline(c->cb, VK_PIPELINE_BIND_POINT_COMPUTE, p);
     vkCmdPushConstants(c->cb, c->pl, VK_SHADER_STAGE_COMPUTE_BIT, 0, sizeof *pc, pc);
     vkCmdDispatch(c->cb, x, y, gz);
-    if (c->timer && k->nstamp < NSTAMPS - 1) {
+    if (c->timer && !k->quiet && k->nstamp < NSTAMPS - 1) {
         k->name[k->nstamp] = c->pipe_name;
         vkCmdWriteTimestamp(c->cb, VK_PIPELINE_STAGE_BOTTOM_OF_PIPE_BIT, c->timer, k->nstamp++);
     }
@@ -1091,20 +1174,25 @@ static int vk_forward_impl(vkctx *c, const kla_problem *p, int algo, const float
             (r = need(&k, B_GC, (VkDeviceSize)(P.total * P.HV) * f)))
             goto out;
     }
-    if ((r = begin(&k)) || (r = run_prep(&k, &P))) goto out;
-    if (chunk) {
-        const uint32_t sp[3] = { (uint32_t)P.K, (uint32_t)P.V, C };
-        if (!(r = dispatch(&k, get_pipe(c, SH_CHUNK_PREP, 256, sp[0], sp[1], sp[2], 0), &P.pc, (uint64_t)P.nseg,
-                           (uint32_t)P.HV, 1)) &&
-            !(r = dispatch_seq(&k, get_pipe(c, SH_CHUNK_STATE, swg, sp[0], sp[1], sp[2], tt), &P.pc,
-                               (P.V + vb - 1) / vb, (uint32_t)P.HV, (uint32_t)P.N, wrec, P.maxseg, 0)))
-            r = dispatch(&k, get_pipe(c, SH_CHUNK_OUT, 256, sp[0], sp[1], sp[2], 0), &P.pc, (uint64_t)P.nseg,
-                         (uint32_t)P.HV, 1);
+    if ((r = begin(&k))) goto out;
+    /* decode updates the state in place: one pass */
+    for (int pass = 0, np = decode ? 1 : c->passes; pass < np && !r; pass++) {
+        pass_start(&k, pass, np);
+        if ((r = run_prep(&k, &P))) goto out;
+        if (chunk) {
+            const uint32_t sp[3] = { (uint32_t)P.K, (uint32_t)P.V, C };
+            if (!(r = dispatch(&k, get_pipe(c, SH_CHUNK_PREP, 256, sp[0], sp[1], sp[2], 0), &P.pc, (uint64_t)P.nseg,
+                               (uint32_t)P.HV, 1)) &&
+                !(r = dispatch_seq(&k, get_pipe(c, SH_CHUNK_STATE, swg, sp[0], sp[1], sp[2], tt), &P.pc,
+                                   (P.V + vb - 1) / vb, (uint32_t)P.HV, (uint32_t)P.N, wrec, P.maxseg, 0)))
+                r = dispatch(&k, get_pipe(c, SH_CHUNK_OUT, 256, sp[0], sp[1], sp[2], 0), &P.pc, (uint64_t)P.nseg,
+                             (uint32_t)P.HV, 1);
     } else {
         uint32_t tb = 8;
         while (tb > 1 && 4ull * (2ull * tb * P.K + 2 * tb) > c->props.limits.maxComputeSharedMemorySize) tb /= 2;
         r = dispatch_seq(&k, get_pipe(c, SH_REC_FWD, P.wg, (uint32_t)P.K, (uint32_t)P.V, P.ck, tb), &P.pc,
                          P.nvb, (uint32_t)P.HV, (uint32_t)P.N, wrec, P.maxlen, 0);
+    }
     }
     if (!r) r = finish(&k);
 out:
@@ -1299,17 +1387,21 @@ static int vk_backward_chunk(vkctx *c, const kla_problem *p, const void *q, cons
     download(&k, B_DA, da, ns);
     download(&k, B_DH0, dh0, nst);
     const uint32_t K = (uint32_t)P.K, V = (uint32_t)P.V, HV = (uint32_t)P.HV;
-    if ((r = begin(&k)) || (r = run_prep(&k, &P)) ||
-        (r = dispatch(&k, get_pipe(c, SH_CHUNK_PREP, 256, K, V, C, 0), &P.pc, (uint64_t)P.nseg, HV, 1)) ||
-        (r = dispatch_seq(&k, get_pipe(c, SH_CHUNK_STATE, swg, K, V, C, tt), &P.pc, (P.V + vb - 1) / vb, HV,
-                          (uint32_t)P.N, wch, P.maxseg, 0)) ||
-        (r = dispatch(&k, get_pipe(c, SH_CHUNK_OUT, 256, K, V, C, 0), &P.pc, (uint64_t)P.nseg, HV, 1)) ||
-        (r = dispatch_seq(&k, get_pipe(c, SH_CHUNK_DSTATE, swg, K, V, C, tt), &P.pc, (P.V + vb - 1) / vb, HV,
-                          (uint32_t)P.N, wch, P.maxseg, 1)) ||
-        (r = dispatch(&k, get_pipe(c, SH_CHUNK_BWDV, 256, K, V, C, 0), &P.pc, (uint64_t)P.nseg, HV, 1)) ||
-        (r = dispatch(&k, get_pipe(c, SH_CHUNK_BWD, 256, K, V, C, 0), &P.pc, (uint64_t)P.nseg, HV, 1)) ||
-        (r = dispatch(&k, get_pipe(c, SH_POST, 64, K, 0, 0, 0), &P.pc, (uint64_t)(P.total * P.H), 1, 1)))
-        goto out;
+    if ((r = begin(&k))) goto out;
+    for (int pass = 0; pass < c->passes; pass++) {
+        pass_start(&k, pass, c->passes);
+        if ((r = run_prep(&k, &P)) ||
+            (r = dispatch(&k, get_pipe(c, SH_CHUNK_PREP, 256, K, V, C, 0), &P.pc, (uint64_t)P.nseg, HV, 1)) ||
+            (r = dispatch_seq(&k, get_pipe(c, SH_CHUNK_STATE, swg, K, V, C, tt), &P.pc, (P.V + vb - 1) / vb, HV,
+                              (uint32_t)P.N, wch, P.maxseg, 0)) ||
+            (r = dispatch(&k, get_pipe(c, SH_CHUNK_OUT, 256, K, V, C, 0), &P.pc, (uint64_t)P.nseg, HV, 1)) ||
+            (r = dispatch_seq(&k, get_pipe(c, SH_CHUNK_DSTATE, swg, K, V, C, tt), &P.pc, (P.V + vb - 1) / vb, HV,
+                              (uint32_t)P.N, wch, P.maxseg, 1)) ||
+            (r = dispatch(&k, get_pipe(c, SH_CHUNK_BWDV, 256, K, V, C, 0), &P.pc, (uint64_t)P.nseg, HV, 1)) ||
+            (r = dispatch(&k, get_pipe(c, SH_CHUNK_BWD, 256, K, V, C, 0), &P.pc, (uint64_t)P.nseg, HV, 1)) ||
+            (r = dispatch(&k, get_pipe(c, SH_POST, 64, K, 0, 0, 0), &P.pc, (uint64_t)(P.total * P.H), 1, 1)))
+            goto out;
+    }
     r = finish(&k);
 out:
     free(P.offs);
@@ -1375,22 +1467,26 @@ static int vk_backward(void *state, const kla_problem *p, int algo, const void *
     download(&k, B_DG, dg, ns);
     download(&k, B_DA, da, ns);
     download(&k, B_DH0, dh0, nst);
-    if ((r = begin(&k)) || (r = run_prep(&k, &P))) goto out;
-    /* the forward, saving the state entering every segment of CK tokens */
-    pconst fpc = P.pc;
-    fpc.flags |= F_CKPT;
-    uint32_t tb = 8;
-    while (tb > 1 && 4ull * (2ull * tb * P.K + 2 * tb) > c->props.limits.maxComputeSharedMemorySize) tb /= 2;
-    const uint32_t fnvb = (uint32_t)((P.V + P.wg - 1) / P.wg);
-    if ((r = dispatch_seq(&k, get_pipe(c, SH_REC_FWD, P.wg, (uint32_t)P.K, (uint32_t)P.V, P.ck, tb), &fpc,
-                          fnvb, (uint32_t)P.HV, (uint32_t)P.N, wtok, P.maxlen, 0)) ||
-        (r = dispatch_seq(&k, get_pipe(c, SH_REC_DSTATE, P.wg, (uint32_t)P.K, (uint32_t)P.V, P.ck, tb), &P.pc,
-                          fnvb, (uint32_t)P.HV, (uint32_t)P.N, wtok, P.maxlen, 1)) ||
-        (r = dispatch_seq(&k, get_pipe(c, SH_REC_BWD, P.bwg, (uint32_t)P.K, (uint32_t)P.V, P.ck, 0), &P.pc,
-                          P.nvb, (uint32_t)P.HV, nw, wseg, P.nseg, 0)) ||
-        (r = dispatch(&k, get_pipe(c, SH_POST, 64, (uint32_t)P.K, 0, 0, 0), &P.pc,
-                      (uint64_t)(P.total * P.H), 1, 1)))
-        goto out;
+    if ((r = begin(&k))) goto out;
+    for (int pass = 0; pass < c->passes; pass++) {
+        pass_start(&k, pass, c->passes);
+        if ((r = run_prep(&k, &P))) goto out;
+        /* the forward, saving the state entering every segment of CK tokens */
+        pconst fpc = P.pc;
+        fpc.flags |= F_CKPT;
+        uint32_t tb = 8;
+        while (tb > 1 && 4ull * (2ull * tb * P.K + 2 * tb) > c->props.limits.maxComputeSharedMemorySize) tb /= 2;
+        const uint32_t fnvb = (uint32_t)((P.V + P.wg - 1) / P.wg);
+        if ((r = dispatch_seq(&k, get_pipe(c, SH_REC_FWD, P.wg, (uint32_t)P.K, (uint32_t)P.V, P.ck, tb), &fpc,
+                              fnvb, (uint32_t)P.HV, (uint32_t)P.N, wtok, P.maxlen, 0)) ||
+            (r = dispatch_seq(&k, get_pipe(c, SH_REC_DSTATE, P.wg, (uint32_t)P.K, (uint32_t)P.V, P.ck, tb), &P.pc,
+                              fnvb, (uint32_t)P.HV, (uint32_t)P.N, wtok, P.maxlen, 1)) ||
+            (r = dispatch_seq(&k, get_pipe(c, SH_REC_BWD, P.bwg, (uint32_t)P.K, (uint32_t)P.V, P.ck, 0), &P.pc,
+                              P.nvb, (uint32_t)P.HV, nw, wseg, P.nseg, 0)) ||
+            (r = dispatch(&k, get_pipe(c, SH_POST, 64, (uint32_t)P.K, 0, 0, 0), &P.pc,
+                          (uint64_t)(P.total * P.H), 1, 1)))
+            goto out;
+    }
     r = finish(&k);
 out:
     free(P.offs);
