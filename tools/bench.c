@@ -299,7 +299,8 @@ static int cmpd(const void *a, const void *b)
 }
 
 typedef struct gfig {
-    double gpu_med, gpu_min, wall_med, split[16];
+    double gpu_med, gpu_min, wall_med, split[16], each[64];
+    long n;
     const char *name[16];
     int nsplit, ok;
 } gfig;
@@ -341,14 +342,14 @@ static gfig gpu_time_op(KlaContext *ctx, prob *P, int op, int algo, long chunk, 
             kla_state_free(&kst);
             return f;
         }
-        wall[r] = dt * 1e3, gpu[r] = ms[0];
+        wall[r] = dt * 1e3, gpu[r] = f.each[r] = ms[0];
         f.nsplit = n - 1;
         for (int i = 1; i < n; i++) f.split[i - 1] += ms[i] / (double)reps, f.name[i - 1] = nm[i];
     }
     kla_state_free(&kst);
     qsort(wall, (size_t)reps, sizeof *wall, cmpd);
     qsort(gpu, (size_t)reps, sizeof *gpu, cmpd);
-    f.gpu_med = gpu[reps / 2], f.gpu_min = gpu[0], f.wall_med = wall[reps / 2], f.ok = 1;
+    f.gpu_med = gpu[reps / 2], f.gpu_min = gpu[0], f.wall_med = wall[reps / 2], f.n = reps, f.ok = 1;
     return f;
 }
 
@@ -358,6 +359,9 @@ static int gpu_row(const char *what, const gfig *f, int json, int *first)
         printf("%s\n  {\"op\": \"%s\"", *first ? "" : ",", what);
         jnum("gpu_ms_median", f->ok ? f->gpu_med : NAN), jnum("gpu_ms_min", f->ok ? f->gpu_min : NAN);
         jnum("call_ms_median", f->ok ? f->wall_med : NAN);
+        printf(", \"gpu_ms_each\": [");
+        for (long i = 0; f->ok && i < f->n; i++) printf("%s%.6g", i ? ", " : "", f->each[i]);
+        printf("]");
         printf(", \"dispatch_ms_mean\": {");
         for (int i = 0; f->ok && i < f->nsplit; i++)
             printf("%s\"%d %s\": %.6g", i ? ", " : "", i + 1, f->name[i] ? f->name[i] : "?", f->split[i]);
