@@ -12,10 +12,12 @@
  * With a GPU backend (vulkan) it prints instead, for forward chunk and recurrent,
  * forward+backward and decode, the GPU time of the dispatches (kla_gpu_time; median and
  * minimum) beside the wall time of the whole API call (host transfers included), and
- * each dispatch's mean GPU time. The GPU idles while the host copies a call's tensors
- * and its clock drops (an H100 falls from 1980 to about 975 MHz), so forward and backward
- * are timed on the last of KLA_VULKAN_PASSES back-to-back passes of their dispatches
- * (3 unless set; 1 times the call as one user call runs), as a training loop keeps it busy.
+ * each dispatch's mean GPU time. The GPU idles while the host copies a call's tensors,
+ * and the driver lowers its clock (an H100 was seen at 345 to 1980 MHz from one call to
+ * the next), so forward and backward are timed on the last of KLA_VULKAN_PASSES
+ * back-to-back passes of their dispatches: 12 unless set (on the H100, fewer left calls
+ * up to 4.6 times slower at random; 1 times a call as a lone user call runs), the GPU
+ * kept busy as a training loop keeps it.
  *
  * kla bench [--backend B] [--T n] [--B n] [--H n] [--K n] [--V n] [--N n] [--threads n]
  *           [--algo auto|recurrent|chunk] [--chunk C] [--reps n] [--cpu MASK] [--ref-T n]
@@ -501,7 +503,7 @@ int kla_bench_main(int argc, char **argv)
     if (nthreads == 0) nthreads = 1;
 #endif
     const int gpu = b.backend && !strcmp(b.backend, "vulkan");
-    if (gpu) setenv("KLA_VULKAN_PASSES", "3", 0); /* the user's value stands */
+    if (gpu) setenv("KLA_VULKAN_PASSES", "12", 0); /* see the top of the file; the user's value stands */
     KlaContext *ctx = open_ctx(b.backend, b.threads, b.cpu);
     if (!ctx) return 1;
     if (gpu) {
