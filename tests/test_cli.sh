@@ -563,9 +563,13 @@ if sys.argv[2] == "gpu":
             "decode, 3 sequences, KlaState": ["prep", "rec_fwd"]}
     rows = {r["op"]: r for r in d["rows"]}
     assert sorted(rows) == sorted(want), sorted(rows)
+    assert d["passes"] == int(sys.argv[3]), d["passes"]
     for op, names in want.items():
         r = rows[op]
         assert r["gpu_ms_min"] > 0 and r["gpu_ms_median"] >= r["gpu_ms_min"], r
+        each = r["gpu_ms_each"]  # every timed call (decode: 4 reps + 1)
+        assert len(each) == (1 if not op.startswith("decode") else 5), (op, each)
+        assert min(each) == r["gpu_ms_min"], r
         assert r["call_ms_median"] > 0, r
         split = r["dispatch_ms_mean"]
         assert [k.split(" ", 1)[1] for k in split] == names, (op, list(split))
@@ -580,8 +584,16 @@ if "$KLA" info | grep -Eq '^ +simd +built, usable'; then
         "'$KLA' bench --backend simd $SMALL --ref-T 16 >b.json && '$PY' benchj.py b.json cpu"
 fi
 if "$KLA" info | grep -Eq '^ +vulkan +built, usable'; then
-    check "bench --backend vulkan: GPU time of every dispatch, by name" sh -c \
-        "'$KLA' bench --backend vulkan $SMALL >b.json && '$PY' benchj.py b.json gpu"
+    check "bench --backend vulkan: GPU time of every dispatch, by name, 12 passes" sh -c \
+        "'$KLA' bench --backend vulkan $SMALL >b.json && '$PY' benchj.py b.json gpu 12"
+    check "bench --backend vulkan: KLA_VULKAN_PASSES=2 is kept" sh -c \
+        "KLA_VULKAN_PASSES=2 '$KLA' bench --backend vulkan $SMALL >b.json && '$PY' benchj.py b.json gpu 2"
+    bad "bench: KLA_VULKAN_PASSES=0 is refused" 'KLA_VULKAN_PASSES=0: expected an integer in \[1, 16\]' \
+        env KLA_VULKAN_PASSES=0 "$KLA" bench --backend vulkan $SMALL
+    # driver statistics where the device has them, else one line saying it has not
+    if KLA_VULKAN_PIPELINE_STATS=1 "$KLA" bench --backend vulkan $SMALL --op forward >out.txt 2>err.txt &&
+        grep -Eq 'pipeline chunk_prep .*:|has no VK_KHR_pipeline_executable_properties' err.txt; then
+        ok "bench: KLA_VULKAN_PIPELINE_STATS=1"; else nok "bench: KLA_VULKAN_PIPELINE_STATS=1"; fi
 fi
 "$KLA" bench --frobnicate 1 >out.txt 2>err.txt; rc=$?
 if [ $rc -eq 2 ] && grep -q 'unknown option' err.txt; then ok "bench: unknown option, exit 2"
