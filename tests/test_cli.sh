@@ -586,8 +586,8 @@ fi
 if "$KLA" info | grep -Eq '^ +vulkan +built, usable'; then
     check "bench --backend vulkan: GPU time of every dispatch, by name, 12 passes" sh -c \
         "'$KLA' bench --backend vulkan $SMALL >b.json && '$PY' benchj.py b.json gpu 12"
-    check "bench --backend vulkan: KLA_VULKAN_PASSES=2 is kept" sh -c \
-        "KLA_VULKAN_PASSES=2 '$KLA' bench --backend vulkan $SMALL >b.json && '$PY' benchj.py b.json gpu 2"
+    check "bench --backend vulkan: KLA_VULKAN_PASSES=02 is kept" sh -c \
+        "KLA_VULKAN_PASSES=02 '$KLA' bench --backend vulkan $SMALL >b.json && '$PY' benchj.py b.json gpu 2"
     bad "bench: KLA_VULKAN_PASSES=0 is refused" 'KLA_VULKAN_PASSES=0: expected an integer in \[1, 16\]' \
         env KLA_VULKAN_PASSES=0 "$KLA" bench --backend vulkan $SMALL
     # driver statistics where the device has them, else one line saying it has not

@@ -388,14 +388,15 @@ static int gpu_row(const char *what, const gfig *f, int json, int *first)
 static int bench_gpu(KlaContext *ctx, const bopt *b, int do_fwd, int do_bwd, int do_dec)
 {
     int first = 1, fails = 0;
-    const char *passes = getenv("KLA_VULKAN_PASSES");
+    /* set (main), and valid: the context opened */
+    const int passes = (int)strtol(getenv("KLA_VULKAN_PASSES"), NULL, 10);
     if (b->json)
         printf("{\"backend\": \"%s\", \"B\": %ld, \"T\": %ld, \"H\": %ld, \"K\": %ld, \"V\": %ld, "
-               "\"N\": %ld, \"chunk\": %ld, \"reps\": %ld, \"passes\": %s, \"rows\": [",
+               "\"N\": %ld, \"chunk\": %ld, \"reps\": %ld, \"passes\": %d, \"rows\": [",
                kla_backend_name(ctx), b->B, b->T, b->H, b->K, b->V, b->N, b->chunk, b->reps, passes);
     else
         printf("kla bench: backend %s (GPU), B=%ld T=%ld H=%ld K=%ld V=%ld, chunk %ld, %ld timed calls each\n"
-               "  GPU ms: the last of %s back-to-back passes of a call's dispatches (KLA_VULKAN_PASSES;\n"
+               "  GPU ms: the last of %d back-to-back passes of a call's dispatches (KLA_VULKAN_PASSES;\n"
                "  decode: 1), call ms: the whole call, host copies and all passes included\n"
                "  %-30s %9s %9s %10s   %s\n",
                kla_backend_name(ctx), b->B, b->T, b->H, b->K, b->V, b->chunk, b->reps, passes, "operation",
