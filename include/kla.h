@@ -11,26 +11,35 @@
  *
  * with beta_t = eta_t / (||k_t||^2 + eps) in mode KLA and beta_t given in mode GDN.
  *
- * Use:
+ * Use (every tensor with its element count):
  *     KlaParams p;  kla_default_params(&p);  p.backend = "ref";
  *     KlaContext *ctx;  if (kla_open(&ctx, &p) < 0) ...
  *     KlaShape s = { .B = 1, .T = 4096, .H = 16, .HV = 16, .K = 128, .V = 128 };
+ *     int64_t nq = s.B * s.T * s.H * s.K, nv = s.B * s.T * s.HV * s.V, ng = s.B * s.T * s.HV;
  *     KlaOptions opt;  kla_default_options(&opt);
- *     KlaTensors t = { .q = KLA_F32_IN(q), .k = KLA_F32_IN(k), .v = KLA_F32_IN(v),
- *                      .eta = KLA_F32_IN(eta), .o = KLA_F32_OUT(o) };
+ *     KlaTensors t = { .q = KLA_F32_IN(q, nq), .k = KLA_F32_IN(k, nq), .v = KLA_F32_IN(v, nv),
+ *                      .eta = KLA_F32_IN(eta, ng), .o = KLA_F32_OUT(o, nv) };
  *     int r = kla_forward(ctx, &s, &opt, &t);
  *     if (r < 0) fprintf(stderr, "%s\n", kla_error_detail(ctx));
  *     kla_close(&ctx);
  *
  * Conventions: tensors are dense, row-major (last index fastest), float32 or float64 for
  * real-valued tensors (each tensor may have its own dtype), int32 or int64 for cu_seqlens.
- * Inputs are never modified. Every function returns 0 or a negative error code (KLA_E*);
- * on error no output buffer has been written, and kla_error_detail() names the tensor
- * and the problem. A context is not thread-safe: use one per thread.
+ * Inputs are never modified. Every function returns 0 or a negative error code (KLA_E*),
+ * and kla_error_detail() names the tensor and the problem. An error found while checking
+ * the call (shapes, sizes, options, values) leaves every output untouched; an error found
+ * after computing (a non-finite result from finite inputs, KLA_ERANGE) leaves the outputs
+ * holding what was computed, the decode state included.
+ *
+ * Threads: a context serves one call at a time. A call made while another thread is
+ * inside a call on the same context (or on a KlaState of it) fails with KLA_EBUSY and
+ * changes nothing; use one context per thread. Closing a context while another thread
+ * uses it is undefined.
  */
 #ifndef KLA_H
 #define KLA_H
 
+#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -47,10 +56,10 @@ extern "C" {
 #endif
 
 #define KLA_VERSION_MAJOR 0
-#define KLA_VERSION_MINOR 1
+#define KLA_VERSION_MINOR 2
 #define KLA_VERSION_PATCH 0
 
-/* "0.1.0" */
+/* "0.2.0" */
 KLA_API const char *kla_version(void);
 
 /* ---- errors: negative errno values ------------------------------------------------ */
@@ -60,6 +69,7 @@ KLA_API const char *kla_version(void);
 #define KLA_ENOSYS (-38) /* backend or operation not built into this library */
 #define KLA_ENODEV (-19) /* backend built but unusable here (no CPU support, no GPU) */
 #define KLA_EIO (-5)     /* device or runtime failure */
+#define KLA_EBUSY (-16)  /* the context is in use by another thread */
 
 /* A short text for an error code ("invalid argument", ...). Never NULL. */
 KLA_API const char *kla_strerror(int err);
@@ -67,22 +77,28 @@ KLA_API const char *kla_strerror(int err);
 /* ---- tensors ---------------------------------------------------------------------- */
 typedef enum KlaDtype { KLA_F32 = 0, KLA_F64 = 1, KLA_I32 = 2, KLA_I64 = 3 } KlaDtype;
 
-/* An input tensor: data == NULL means absent. Shapes come from KlaShape. */
+/* An input tensor: data == NULL means absent. numel is the number of elements the
+ * buffer holds; every call checks it against the element count the shape asks for and
+ * refuses a mismatch (naming the tensor, the expected shape and what was given). */
 typedef struct KlaIn {
     const void *data;
     KlaDtype dtype;
+    int64_t numel;
 } KlaIn;
 
 /* An output tensor: data == NULL means not wanted (where the output is optional). */
 typedef struct KlaOut {
     void *data;
     KlaDtype dtype;
+    int64_t numel;
 } KlaOut;
 
-#define KLA_F32_IN(p) ((KlaIn){ (p), KLA_F32 })
-#define KLA_F64_IN(p) ((KlaIn){ (p), KLA_F64 })
-#define KLA_F32_OUT(p) ((KlaOut){ (p), KLA_F32 })
-#define KLA_F64_OUT(p) ((KlaOut){ (p), KLA_F64 })
+#define KLA_IN(p, dt, n) ((KlaIn){ (p), (dt), (int64_t)(n) })
+#define KLA_OUT(p, dt, n) ((KlaOut){ (p), (dt), (int64_t)(n) })
+#define KLA_F32_IN(p, n) KLA_IN((p), KLA_F32, (n))
+#define KLA_F64_IN(p, n) KLA_IN((p), KLA_F64, (n))
+#define KLA_F32_OUT(p, n) KLA_OUT((p), KLA_F32, (n))
+#define KLA_F64_OUT(p, n) KLA_OUT((p), KLA_F64, (n))
 
 /* ---- the problem ------------------------------------------------------------------ */
 typedef struct KlaShape {
@@ -99,9 +115,12 @@ typedef enum KlaMode { KLA_MODE_KLA = 0, KLA_MODE_GDN = 1 } KlaMode;
 typedef enum KlaStateLayout { KLA_LAYOUT_KV = 0, KLA_LAYOUT_VK = 1 } KlaStateLayout;
 typedef enum KlaAlgo { KLA_ALGO_AUTO = 0, KLA_ALGO_RECURRENT = 1, KLA_ALGO_CHUNK = 2 } KlaAlgo;
 
+/* KlaOptions.scale when unset: K^-1/2. Any other value, 0 included, is used as given. */
+#define KLA_SCALE_DEFAULT ((double)NAN)
+
 typedef struct KlaOptions {
     KlaMode mode;                /* KLA: beta = eta / (||k||^2 + eps); GDN: beta given. Default KLA */
-    double scale;                /* query scale; 0 means the default K^-1/2 */
+    double scale;                /* query scale, taken literally; KLA_SCALE_DEFAULT (NaN): K^-1/2 */
     double eps;                  /* KLA step-size epsilon, >= 0. Default 1e-6 */
     int l2norm_q;                /* 1: q <- q / sqrt(||q||^2 + 1e-6) first. Default 0 */
     int l2norm_k;                /* same for k (before the KLA norm). Default 0 */
@@ -150,7 +169,10 @@ typedef struct KlaParams {
      * NULL or "auto" picks the fastest usable backend. Default NULL. */
     const char *backend;
     int threads;            /* worker threads for backends that use them; 0 = all cores */
-    unsigned cpu_mask;      /* CPU feature levels allowed (KLA_CPU_*); default all */
+    unsigned cpu_mask;      /* CPU feature levels allowed (KLA_CPU_*); default all. The
+                             * environment's KLA_CPU_MASK (kla_cpu_mask_parse syntax)
+                             * narrows it further (an empty value counts as unset);
+                             * kla_open refuses a malformed one. */
     int gpu_device;         /* GPU index for GPU backends; -1 = automatic. Default -1 */
 } KlaParams;
 
@@ -170,8 +192,22 @@ KLA_API void kla_close(KlaContext **ctx);
 /* The backend the context runs ("ref", ...). */
 KLA_API const char *kla_backend_name(const KlaContext *ctx);
 /* What the last failing call on ctx said: the tensor and the problem. Never NULL.
- * With ctx == NULL: why this thread's last kla_open failed. */
+ * With ctx == NULL: why this thread's last kla_open or kla_file_* call failed. */
 KLA_API const char *kla_error_detail(const KlaContext *ctx);
+
+/* One line on what the context runs: the backend and its settings in effect, e.g.
+ * "simd: avx512, 2 threads" or "vulkan: NVIDIA H100 (discrete)". Returns buf. */
+KLA_API const char *kla_describe(const KlaContext *ctx, char *buf, size_t len);
+
+/* The algorithm the last successful kla_forward or kla_backward on ctx ran:
+ * KLA_ALGO_RECURRENT or KLA_ALGO_CHUNK (what AUTO chose, or a fallback the backend took
+ * when the requested one cannot run with this shape); KLA_ALGO_AUTO before any. */
+KLA_API KlaAlgo kla_last_algo(const KlaContext *ctx);
+
+/* Parses a CPU level mask: a number ("0", "3", "0x2": KLA_CPU_* bits) or names joined by
+ * ',' or '+': "avx2", "avx512", "neon", "all", and "none" or "c" (the plain C kernels).
+ * Returns 0, or KLA_EINVAL for anything else (unknown names, unknown bits, empty). */
+KLA_API int kla_cpu_mask_parse(const char *s, unsigned *mask);
 
 /* 1 if backend `name` is built and usable here, 0 if built but unusable,
  * KLA_ENOSYS if not built or unknown. */
@@ -229,6 +265,55 @@ KLA_API int kla_state_read(KlaState *st, KlaOut dst, KlaStateLayout layout);
  * HV, K and V must be those of st. opt->state_layout does not apply. */
 KLA_API int kla_decode_state(KlaContext *ctx, const KlaShape *shape, const KlaOptions *opt,
                              const KlaTensors *t, KlaState *st);
+
+/* ---- problem files (safetensors, kla-spec.md section 4) ---------------------------- */
+
+/* A file read whole and checked (header, offsets, dtypes, duplicate names, UTF-8). The
+ * functions below report errors through kla_error_detail(NULL), starting with the path. */
+typedef struct KlaFile KlaFile;
+KLA_API int kla_file_read(const char *path, KlaFile **f);
+/* Frees and sets *f to NULL; NULL and *f == NULL are fine. */
+KLA_API void kla_file_free(KlaFile **f);
+
+/* One tensor of a file, any dtype the format defines. Valid while the file is. */
+typedef struct KlaFileTensor {
+    const char *name;
+    const char *dtype;     /* as in the file: "F32", "F64", "I32", "I64", "BF16", ... */
+    int ndim;              /* 0 to 8 */
+    int64_t shape[8];
+    int64_t numel;
+    const void *data;      /* little-endian, 64-byte aligned; NULL when numel is 0 */
+    KlaIn in;              /* data as a KlaIn when dtype is F32, F64, I32 or I64, else
+                            * in.data == NULL */
+} KlaFileTensor;
+
+/* Number of tensors; tensor i (0 <= i < count), or KLA_EINVAL. */
+KLA_API int kla_file_count(const KlaFile *f);
+KLA_API int kla_file_tensor(const KlaFile *f, int i, KlaFileTensor *t);
+/* The tensor called name: 1 found, 0 absent (t zeroed). */
+KLA_API int kla_file_find(const KlaFile *f, const char *name, KlaFileTensor *t);
+/* A __metadata__ value, or NULL. */
+KLA_API const char *kla_file_meta(const KlaFile *f, const char *key);
+
+typedef enum KlaOp { KLA_OP_FORWARD = 0, KLA_OP_BACKWARD = 1, KLA_OP_DECODE = 2 } KlaOp;
+
+/* The problem a file holds, for op. */
+typedef struct KlaProblem {
+    KlaShape shape;
+    KlaOptions opt;          /* from __metadata__; algo AUTO and chunk 64 */
+    KlaTensors t;            /* the op's inputs (pointing into the file); outputs absent */
+    int64_t state_shape[4];  /* h0 and ht: [N, HV, K, V], or [N, HV, V, K] in layout vk */
+    int64_t state_numel;
+} KlaProblem;
+
+/* Fills *p from the file with every check the library makes, so that nothing read from
+ * it can be out of bounds: tensor names (a name or metadata key kla-spec.md does not
+ * define is an error, with a hint for flash-linear-attention's names), dtypes, shapes,
+ * option values, and the values of cu_seqlens (0 first, non-decreasing, ending at T).
+ * Tensors the op does not read (do and dht in forward, the outputs of a golden case)
+ * are allowed and ignored. The value checks of the operations (finite, g <= 0) are left
+ * to them. Returns 0 or KLA_EINVAL / KLA_ERANGE. */
+KLA_API int kla_file_problem(const KlaFile *f, KlaOp op, KlaProblem *p);
 
 #ifdef __cplusplus
 }

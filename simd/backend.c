@@ -4,9 +4,9 @@
  * items and runs them with OpenMP, and does the O(T K) parts of the backward (grouped
  * head reduction, l2norm and step-size gradients).
  *
- * Level: the best of kla_cpu_flags() & KlaParams.cpu_mask & $KLA_CPU_MASK. The
- * environment variable is a number (strtoul base 0: "0", "3", "0x1"), the same bits as
- * KLA_CPU_* (1 AVX2+FMA, 2 AVX-512, 4 NEON); KLA_CPU_MASK=0 forces the plain C kernels.
+ * Level: the best of kla_cpu_flags() & KlaParams.cpu_mask (which kla_open has narrowed
+ * by $KLA_CPU_MASK: a number of KLA_CPU_* bits or names, "avx2", "none", ...);
+ * KLA_CPU_MASK=none forces the plain C kernels. kla_describe() shows the level in effect.
  *
  * Threads: KlaParams.threads (0 = all cores, OpenMP's default). Work items are
  * (sequence, value head) pairs; no two items write the same output element and every
@@ -21,6 +21,7 @@
  * the same operations in the same order, so the bits stay independent of the threads.
  */
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -47,8 +48,6 @@ typedef struct simd_state {
 /* The kernel table for the allowed levels. */
 static const simd_kernels *pick_level(unsigned mask)
 {
-    const char *env = getenv("KLA_CPU_MASK");
-    if (env && *env) mask &= (unsigned)strtoul(env, NULL, 0);
     mask &= kla_cpu_flags();
 #if defined(__x86_64__)
     if (mask & KLA_CPU_AVX512) return &kla_simd_kernels_avx512;
@@ -70,6 +69,18 @@ static int simd_open(void **state, const KlaParams *params, char *err, size_t er
     s->threads = params->threads;
     *state = s;
     return 0;
+}
+
+static void simd_describe(void *state, char *buf, size_t len)
+{
+    const simd_state *s = state;
+    int nt = s->threads;
+#ifdef _OPENMP
+    if (nt <= 0) nt = omp_get_max_threads();
+#else
+    nt = 1;
+#endif
+    snprintf(buf, len, "%s, %d thread%s", s->kern->name, nt, nt == 1 ? "" : "s");
 }
 
 static void simd_close(void *state)
@@ -207,14 +218,14 @@ static int chunk_fwd_split(simd_state *s, const simd_job *J, int nt)
     return 0;
 }
 
-static int simd_forward(void *state, const kla_problem *p, int algo, const void *q,
-                        const void *k, const void *v, const void *g, const void *a,
-                        const void *h0, void *o, void *ht)
+static int simd_forward(void *state, const kla_problem *p, kla_io *x)
 {
     simd_state *s = state;
     const simd_kernels *kern = s->kern;
-    const simd_job J = { .p = p, .q = q, .k = k, .v = v, .g = g, .a = a, .h0 = h0, .o = o, .ht = ht };
-    const int nt = nthreads(s, p), rec = pick_algo(algo, p) == KLA_ALGO_RECURRENT;
+    const simd_job J = { .p = p, .q = x->q, .k = x->k, .v = x->v, .g = x->g, .a = x->a, .h0 = x->h0,
+                         .o = x->o, .ht = x->ht };
+    x->algo = pick_algo(x->algo, p);
+    const int nt = nthreads(s, p), rec = x->algo == KLA_ALGO_RECURRENT;
     const int64_t nh = p->N * p->HV, nb = (p->V + SIMD_COLS - 1) / SIMD_COLS;
     if (!rec && nh < nt) return chunk_fwd_split(s, &J, nt);
     /* recurrent: with fewer than 4 (sequence, head) pairs per thread, split each pair's
@@ -238,12 +249,12 @@ static int simd_forward(void *state, const kla_problem *p, int algo, const void 
     return 0;
 }
 
-static int simd_decode(void *state, const kla_problem *p, const void *q, const void *k,
-                       const void *v, const void *g, const void *a, void *S, void *o)
+static int simd_decode(void *state, const kla_problem *p, kla_io *x)
 {
     const simd_state *s = state;
     const simd_kernels *kern = s->kern;
-    const simd_job J = { .p = p, .q = q, .k = k, .v = v, .g = g, .a = a, .o = o, .ht = S };
+    const simd_job J = { .p = p, .q = x->q, .k = x->k, .v = x->v, .g = x->g, .a = x->a, .o = x->o,
+                         .ht = x->state };
     /* units of decode_cols columns of one state, split into equal contiguous ranges (one
      * per thread: the kernel pipelines the units of its range); no more threads than
      * units, none at all for one unit */
@@ -262,12 +273,13 @@ static int simd_decode(void *state, const kla_problem *p, const void *q, const v
     return 0;
 }
 
-static int simd_backward(void *state, const kla_problem *p, int algo, const void *q_,
-                         const void *k_, const void *v, const void *g, const void *a_,
-                         const void *h0, const void *dout, const void *dht, void *o, void *ht,
-                         void *dq_, void *dk_, void *dv, void *dg, void *da_, void *dh0)
+static int simd_backward(void *state, const kla_problem *p, kla_io *x)
 {
-    (void)algo; /* one backward: chunkwise (it agrees with the recurrent definition) */
+    x->algo = KLA_ALGO_CHUNK; /* one backward: chunkwise (it agrees with the recurrent definition) */
+    const void *q_ = x->q, *k_ = x->k, *v = x->v, *g = x->g, *a_ = x->a, *h0 = x->h0;
+    const void *dout = x->dout, *dht = x->dht;
+    void *o = x->o, *ht = x->ht, *dq_ = x->dq, *dk_ = x->dk, *dv = x->dv, *dg = x->dg, *da_ = x->da;
+    void *dh0 = x->dh0;
     simd_state *s = state;
     const simd_kernels *kern = s->kern;
     const int64_t T = p->total, H = p->H, HV = p->HV, K = p->K, G = HV / H;
@@ -410,5 +422,6 @@ static int simd_backward(void *state, const kla_problem *p, int algo, const void
 }
 
 const kla_backend kla_backend_simd = { .name = "simd", .real = KLA_F32, .usable = usable,
-                                       .open = simd_open, .close = simd_close, .forward = simd_forward,
+                                       .open = simd_open, .close = simd_close,
+                                       .describe = simd_describe, .forward = simd_forward,
                                        .backward = simd_backward, .decode = simd_decode };

@@ -2,6 +2,7 @@
  * api.c: the public API. Validation at the boundary, then dtype and layout conversion,
  * then the backend from the dispatch table.
  */
+#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -9,7 +10,7 @@
 
 #include "kla_internal.h"
 
-const char *kla_version(void) { return "0.1.0"; }
+const char *kla_version(void) { return "0.2.0"; }
 
 const char *kla_strerror(int err)
 {
@@ -21,6 +22,7 @@ const char *kla_strerror(int err)
     case KLA_ENOSYS: return "not built into this library";
     case KLA_ENODEV: return "backend not usable on this machine";
     case KLA_EIO: return "device or runtime failure";
+    case KLA_EBUSY: return "context in use by another thread";
     default: return "unknown error";
     }
 }
@@ -29,7 +31,7 @@ void kla_default_options(KlaOptions *opt)
 {
     memset(opt, 0, sizeof *opt);
     opt->mode = KLA_MODE_KLA;
-    opt->scale = 0;
+    opt->scale = KLA_SCALE_DEFAULT;
     opt->eps = 1e-6;
     opt->state_layout = KLA_LAYOUT_KV;
     opt->algo = KLA_ALGO_AUTO;
@@ -101,12 +103,61 @@ int kla__fail(KlaContext *ctx, int err, const char *fmt, ...)
 }
 
 /* Why the last kla_open of this thread failed (there is no context to hold it). */
-static _Thread_local char open_detail[256];
+static _Thread_local char open_detail[512];
+
+/* The KLA_EBUSY of a thread that found the context in use: kept per thread, since the
+ * context's own message belongs to the thread inside it. */
+static _Thread_local const void *busy_ctx;
+static _Thread_local char busy_detail[128];
+
+int kla__nofail(int err, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(open_detail, sizeof open_detail, fmt, ap);
+    va_end(ap);
+    return err;
+}
+
+void kla__noclear(void) { open_detail[0] = 0; }
 
 static int open_fail(int err, const char *fmt, const char *arg)
 {
     snprintf(open_detail, sizeof open_detail, fmt, arg);
     return err;
+}
+
+int kla_cpu_mask_parse(const char *s, unsigned *mask)
+{
+    if (!s || !mask) return KLA_EINVAL;
+    const unsigned known = KLA_CPU_AVX2 | KLA_CPU_AVX512 | KLA_CPU_NEON;
+    if (*s >= '0' && *s <= '9') {
+        char *end;
+        errno = 0;
+        unsigned long m = strtoul(s, &end, 0);
+        if (errno || *end || (m & ~(unsigned long)known)) return KLA_EINVAL;
+        *mask = (unsigned)m;
+        return 0;
+    }
+    static const struct { const char *name; unsigned bits; } names[] = {
+        { "avx2", KLA_CPU_AVX2 }, { "avx512", KLA_CPU_AVX512 }, { "neon", KLA_CPU_NEON },
+        { "all", KLA_CPU_ALL }, { "none", 0 }, { "c", 0 },
+    };
+    unsigned m = 0;
+    int any = 0;
+    for (const char *p = s;; p++) {
+        size_t l = strcspn(p, ",+");
+        int found = 0;
+        for (size_t i = 0; i < sizeof names / sizeof names[0] && !found; i++)
+            if (l == strlen(names[i].name) && !strncmp(p, names[i].name, l)) m |= names[i].bits, found = 1;
+        if (!found) return KLA_EINVAL;
+        any = 1;
+        p += l;
+        if (!*p) break;
+    }
+    if (!any) return KLA_EINVAL;
+    *mask = m;
+    return 0;
 }
 
 int kla_open(KlaContext **out, const KlaParams *params)
@@ -118,6 +169,14 @@ int kla_open(KlaContext **out, const KlaParams *params)
     if (params) p = *params;
     else kla_default_params(&p);
     if (p.threads < 0) return open_fail(KLA_EINVAL, "%s", "kla_open: threads < 0");
+    const char *env = getenv("KLA_CPU_MASK");
+    if (env && *env) {
+        unsigned m;
+        if (kla_cpu_mask_parse(env, &m) < 0)
+            return open_fail(KLA_EINVAL, "KLA_CPU_MASK=%s: expected a number of KLA_CPU_* bits (1 avx2, "
+                             "2 avx512, 4 neon) or names: avx2, avx512, neon, all, none", env);
+        p.cpu_mask &= m;
+    }
 
     const kla_backend *be = NULL;
     if (!p.backend || !strcmp(p.backend, "auto")) {
@@ -127,7 +186,9 @@ int kla_open(KlaContext **out, const KlaParams *params)
     } else {
         be = find_backend(p.backend);
         if (!be) return open_fail(KLA_ENOSYS, "backend \"%s\" is not built into this library", p.backend);
-        if (!be->usable()) return open_fail(KLA_ENODEV, "backend \"%s\" is not usable on this machine", p.backend);
+        /* a backend asked for by name that is not usable says why through its open */
+        if (!be->usable() && !be->open)
+            return open_fail(KLA_ENODEV, "backend \"%s\" is not usable on this machine", p.backend);
     }
 
     KlaContext *ctx = calloc(1, sizeof *ctx);
@@ -135,12 +196,17 @@ int kla_open(KlaContext **out, const KlaParams *params)
     ctx->be = be;
     ctx->params = p;
     ctx->params.backend = be->name; /* the caller's string need not outlive the call */
+    atomic_init(&ctx->busy, 0);
     if (be->open) {
         char err[200] = "";
         int r = be->open(&ctx->state, &ctx->params, err, sizeof err);
+        if (r == 0 && !be->usable()) {
+            if (be->close) be->close(ctx->state);
+            r = KLA_ENODEV;
+        }
         if (r < 0) {
             snprintf(open_detail, sizeof open_detail, "backend %s: %s", be->name,
-                     err[0] ? err : kla_strerror(r));
+                     err[0] ? err : r == KLA_ENODEV ? "not usable on this machine" : kla_strerror(r));
             free(ctx);
             return r;
         }
@@ -167,6 +233,7 @@ int kla_gpu_time(const KlaContext *ctx, double *ms, const char **names, int max)
 
 const char *kla_error_detail(const KlaContext *ctx)
 {
+    if (ctx && ctx == busy_ctx) return busy_detail;
     if (!ctx) return open_detail[0] ? open_detail : "no error recorded";
     return ctx->detail[0] ? ctx->detail : "no error recorded";
 }
@@ -210,8 +277,8 @@ static int check_options(KlaContext *ctx, const KlaOptions *o)
 {
     if (o->mode != KLA_MODE_KLA && o->mode != KLA_MODE_GDN)
         return kla__fail(ctx, KLA_EINVAL, "options: mode %d is neither KLA nor GDN", (int)o->mode);
-    if (!isfinite(o->scale))
-        return kla__fail(ctx, KLA_EINVAL, "options: scale is not finite");
+    if (isinf(o->scale))
+        return kla__fail(ctx, KLA_EINVAL, "options: scale is infinite (KLA_SCALE_DEFAULT, a NaN, means K^-1/2)");
     if (!isfinite(o->eps) || o->eps < 0)
         return kla__fail(ctx, KLA_EINVAL, "options: eps %g must be finite and >= 0", o->eps);
     if ((o->l2norm_q != 0 && o->l2norm_q != 1) || (o->l2norm_k != 0 && o->l2norm_k != 1))
@@ -231,7 +298,7 @@ static int need_real(KlaContext *ctx, const char *name, const void *data, KlaDty
 {
     if (!data) return required ? kla__fail(ctx, KLA_EINVAL, "tensor %s: missing", name) : 0;
     if (!is_real(d))
-        return kla__fail(ctx, KLA_EINVAL, "tensor %s: dtype must be F32 or F64", name);
+        return kla__fail(ctx, KLA_EINVAL, "tensor %s: dtype %d, must be KLA_F32 or KLA_F64", name, (int)d);
     return 0;
 }
 #define NEED_IN(name, req) need_real(ctx, #name, t->name.data, t->name.dtype, req)
@@ -242,13 +309,39 @@ static int forbid(KlaContext *ctx, const char *name, const void *data, const cha
     return data ? kla__fail(ctx, KLA_EINVAL, "tensor %s: not allowed %s", name, why) : 0;
 }
 
+/* "[B, T, H, K] = [2, 50, 1, 16]" */
+static void dims_str(char *buf, size_t n, const char *dims, const int64_t *shape, int ndim)
+{
+    size_t o = (size_t)snprintf(buf, n, "%s = [", dims);
+    for (int d = 0; d < ndim && o < n; d++)
+        o += (size_t)snprintf(buf + o, n - o, d ? ", %lld" : "%lld", (long long)shape[d]);
+    if (o < n) snprintf(buf + o, n - o, "]");
+}
+
+/* The element count a present tensor declares must be the one its shape asks for. */
+static int need_numel(KlaContext *ctx, const char *name, const void *data, int64_t given,
+                      const char *dims, const int64_t *shape, int ndim)
+{
+    if (!data) return 0;
+    int64_t want = 1;
+    for (int d = 0; d < ndim; d++) want *= shape[d];
+    if (given == want) return 0;
+    char ds[160];
+    dims_str(ds, sizeof ds, dims, shape, ndim);
+    if (given == 0)
+        return kla__fail(ctx, KLA_EINVAL, "tensor %s: numel is 0 (not set); expected %s, %lld elements",
+                         name, ds, (long long)want);
+    return kla__fail(ctx, KLA_EINVAL, "tensor %s: %lld elements given, expected %s, %lld elements",
+                     name, (long long)given, ds, (long long)want);
+}
+
 /* Reads cu_seqlens into cu [N+1] (allocated) after checking it. */
 static int read_cu(KlaContext *ctx, const KlaIn *in, int64_t N, int64_t T, int64_t **cu_out)
 {
     if (in->dtype != KLA_I32 && in->dtype != KLA_I64)
         return kla__fail(ctx, KLA_EINVAL, "tensor cu_seqlens: dtype must be I32 or I64");
     int64_t *cu = malloc((size_t)(N + 1) * sizeof *cu);
-    if (!cu) return KLA_ENOMEM;
+    if (!cu) return kla__fail(ctx, KLA_ENOMEM, "tensor cu_seqlens: out of memory");
     for (int64_t i = 0; i <= N; i++)
         cu[i] = in->dtype == KLA_I32 ? ((const int32_t *)in->data)[i] : ((const int64_t *)in->data)[i];
     int r = 0;
@@ -271,6 +364,135 @@ static int read_cu(KlaContext *ctx, const KlaIn *in, int64_t N, int64_t T, int64
     return 0;
 }
 
+/* The tensors of a call with their expected shapes (set by check_call). */
+enum { I_Q, I_K, I_V, I_G, I_A, I_H0, I_DO, I_DHT, NIN };
+enum { O_O, O_HT, O_DQ, O_DK, O_DV, O_DG, O_DA, O_DH0, O_STATE, NOUT };
+
+typedef struct slot {
+    const char *name, *dims;
+    int64_t shape[4];
+    int ndim;
+    int vk;    /* a state tensor in layout VK */
+    int64_t n; /* elements */
+} slot;
+
+static void set_slot(slot *x, const char *name, const char *dims, int ndim, int64_t a, int64_t b,
+                     int64_t c, int64_t d, int vk)
+{
+    const int64_t sh[4] = { a, b, c, d };
+    x->name = name, x->dims = dims, x->ndim = ndim, x->vk = vk, x->n = 1;
+    for (int i = 0; i < 4; i++) x->shape[i] = i < ndim ? sh[i] : 1, x->n *= x->shape[i];
+}
+
+/* Expected shapes of every tensor of the call (decode: one token per sequence). */
+static void set_slots(const sizes *z, const KlaOptions *o, int decode, slot in[NIN], slot out[NOUT])
+{
+    const int vk = o->state_layout == KLA_LAYOUT_VK;
+    const int64_t a = vk ? z->V : z->K, b = vk ? z->K : z->V;
+    const char *sd = vk ? "[N, HV, V, K]" : "[N, HV, K, V]";
+    const int kla = o->mode == KLA_MODE_KLA;
+    if (decode) {
+        set_slot(&in[I_Q], "q", "[N, H, K]", 3, z->N, z->H, z->K, 1, 0);
+        set_slot(&in[I_K], "k", "[N, H, K]", 3, z->N, z->H, z->K, 1, 0);
+        set_slot(&in[I_V], "v", "[N, HV, V]", 3, z->N, z->HV, z->V, 1, 0);
+        set_slot(&in[I_G], "g", "[N, HV]", 2, z->N, z->HV, 1, 1, 0);
+        set_slot(&in[I_A], kla ? "eta" : "beta", "[N, HV]", 2, z->N, z->HV, 1, 1, 0);
+        set_slot(&out[O_O], "o", "[N, HV, V]", 3, z->N, z->HV, z->V, 1, 0);
+    } else {
+        set_slot(&in[I_Q], "q", "[B, T, H, K]", 4, z->B, z->T, z->H, z->K, 0);
+        set_slot(&in[I_K], "k", "[B, T, H, K]", 4, z->B, z->T, z->H, z->K, 0);
+        set_slot(&in[I_V], "v", "[B, T, HV, V]", 4, z->B, z->T, z->HV, z->V, 0);
+        set_slot(&in[I_G], "g", "[B, T, HV]", 3, z->B, z->T, z->HV, 1, 0);
+        set_slot(&in[I_A], kla ? "eta" : "beta", "[B, T, HV]", 3, z->B, z->T, z->HV, 1, 0);
+        set_slot(&out[O_O], "o", "[B, T, HV, V]", 4, z->B, z->T, z->HV, z->V, 0);
+    }
+    set_slot(&in[I_H0], "h0", sd, 4, z->N, z->HV, a, b, vk);
+    set_slot(&in[I_DO], "do", "[B, T, HV, V]", 4, z->B, z->T, z->HV, z->V, 0);
+    set_slot(&in[I_DHT], "dht", sd, 4, z->N, z->HV, a, b, vk);
+    set_slot(&out[O_HT], "ht", sd, 4, z->N, z->HV, a, b, vk);
+    set_slot(&out[O_DQ], "dq", "[B, T, H, K]", 4, z->B, z->T, z->H, z->K, 0);
+    set_slot(&out[O_DK], "dk", "[B, T, H, K]", 4, z->B, z->T, z->H, z->K, 0);
+    set_slot(&out[O_DV], "dv", "[B, T, HV, V]", 4, z->B, z->T, z->HV, z->V, 0);
+    set_slot(&out[O_DG], "dg", "[B, T, HV]", 3, z->B, z->T, z->HV, 1, 0);
+    set_slot(&out[O_DA], kla ? "deta" : "dbeta", "[B, T, HV]", 3, z->B, z->T, z->HV, 1, 0);
+    set_slot(&out[O_DH0], "dh0", sd, 4, z->N, z->HV, a, b, vk);
+    set_slot(&out[O_STATE], "state", sd, 4, z->N, z->HV, a, b, vk);
+}
+
+static void gather(const KlaTensors *t, int kla, KlaIn in[NIN], KlaOut out[NOUT])
+{
+    const KlaIn i[NIN] = { t->q, t->k, t->v, t->g, kla ? t->eta : t->beta, t->h0, t->dout, t->dht };
+    const KlaOut o[NOUT] = { t->o, t->ht, t->dq, t->dk, t->dv, t->dg, kla ? t->deta : t->dbeta,
+                             t->dh0, t->state };
+    memcpy(in, i, sizeof i);
+    memcpy(out, o, sizeof o);
+}
+
+/* [p, p + bytes) */
+static int overlap(const void *a, int64_t an, const void *b, int64_t bn)
+{
+    const uintptr_t x = (uintptr_t)a, y = (uintptr_t)b;
+    return x < y + (uintptr_t)bn && y < x + (uintptr_t)an;
+}
+
+/* No output may share memory with an input or another output (the decode state, read
+ * and written in place, is one tensor). */
+static int check_overlaps(KlaContext *ctx, const KlaIn in[NIN], const slot si[NIN],
+                          const KlaOut out[NOUT], const slot so[NOUT], const KlaIn *cu, int64_t ncu)
+{
+    for (int i = 0; i < NOUT; i++) {
+        if (!out[i].data) continue;
+        const int64_t bi = so[i].n * (int64_t)dsize(out[i].dtype);
+        for (int j = 0; j < NIN; j++)
+            if (in[j].data && overlap(out[i].data, bi, in[j].data, si[j].n * (int64_t)dsize(in[j].dtype)))
+                return kla__fail(ctx, KLA_EINVAL, "tensor %s: its memory overlaps input %s", so[i].name,
+                                 si[j].name);
+        if (cu->data && overlap(out[i].data, bi, cu->data, ncu * (int64_t)dsize(cu->dtype)))
+            return kla__fail(ctx, KLA_EINVAL, "tensor %s: its memory overlaps input cu_seqlens", so[i].name);
+        for (int j = 0; j < i; j++)
+            if (out[j].data && overlap(out[i].data, bi, out[j].data, so[j].n * (int64_t)dsize(out[j].dtype)))
+                return kla__fail(ctx, KLA_EINVAL, "tensor %s: its memory overlaps output %s", so[i].name,
+                                 so[j].name);
+    }
+    return 0;
+}
+
+/* Mode kla: every step size beta = eta / (||k||^2 + eps) must be finite (eps = 0 with a
+ * zero key is the usual way to break it), checked before computing so that the message
+ * can name the token, which a chunkwise algorithm would smear over its chunk. */
+static int check_step(KlaContext *ctx, const sizes *z, const KlaOptions *o, const KlaTensors *t,
+                      int decode, const int64_t *cu)
+{
+    const int64_t G = z->HV / z->H;
+    for (int64_t n = 0; n < z->N; n++)
+        for (int64_t r = cu[n]; r < cu[n + 1]; r++)
+            for (int64_t h = 0; h < z->H; h++) {
+                double nk = 0;
+                for (int64_t i = 0; i < z->K; i++) {
+                    const int64_t j = (r * z->H + h) * z->K + i;
+                    const double x = t->k.dtype == KLA_F32 ? ((const float *)t->k.data)[j]
+                                                          : ((const double *)t->k.data)[j];
+                    nk += x * x;
+                }
+                if (o->l2norm_k) nk = nk / (nk + 1e-6); /* ||l2norm(k)||^2 */
+                for (int64_t hv = h * G; hv < (h + 1) * G; hv++) {
+                    const int64_t j = r * z->HV + hv;
+                    const double eta = t->eta.dtype == KLA_F32 ? ((const float *)t->eta.data)[j]
+                                                              : ((const double *)t->eta.data)[j];
+                    if (isfinite(eta / (nk + o->eps))) continue;
+                    char where[96];
+                    if (decode) snprintf(where, sizeof where, "n=%lld, hv=%lld", (long long)r, (long long)hv);
+                    else snprintf(where, sizeof where, "b=%lld, t=%lld, hv=%lld", (long long)(r / z->T),
+                                  (long long)(r % z->T), (long long)hv);
+                    return kla__fail(ctx, KLA_ERANGE,
+                                     "tensor eta: the step size beta = eta / (||k||^2 + eps) is not finite at "
+                                     "[%s]: eta = %g, ||k||^2 = %g, eps = %g (a zero key needs eps > 0)",
+                                     where, eta, nk, o->eps);
+                }
+            }
+    return 0;
+}
+
 static int check_call(KlaContext *ctx, const KlaShape *s, const KlaOptions *o,
                       const KlaTensors *t, op_kind op, const KlaState *st, sizes *z, int64_t **cu)
 {
@@ -287,9 +509,11 @@ static int check_call(KlaContext *ctx, const KlaShape *s, const KlaOptions *o,
                          (long long)s->HV, (long long)s->H);
     z->B = s->B, z->T = s->T, z->H = s->H, z->HV = s->HV, z->K = s->K, z->V = s->V;
     z->N = t->cu_seqlens.data ? s->N : s->B;
+    if (t->cu_seqlens.data && s->N <= 0)
+        return kla__fail(ctx, KLA_EINVAL, "tensor cu_seqlens: N = %lld sequences, must be > 0", (long long)s->N);
     if (!mul(z->B, z->T, &z->total) || !mul4(z->total, z->H, z->K, 1, &z->nq) ||
         !mul4(z->total, z->HV, z->V, 1, &z->nv) || !mul(z->total, z->HV, &z->ns) ||
-        (z->N > 0 && !mul4(z->N, z->HV, z->K, z->V, &z->nst)))
+        !mul4(z->N, z->HV, z->K, z->V, &z->nst) || z->N == INT64_MAX)
         return kla__fail(ctx, KLA_ENOMEM, "shape: sizes overflow");
 
     /* which tensors this call takes */
@@ -304,7 +528,8 @@ static int check_call(KlaContext *ctx, const KlaShape *s, const KlaOptions *o,
         if (!t->beta.data) return kla__fail(ctx, KLA_EINVAL, "tensor beta: missing (mode gdn)");
         if ((r = forbid(ctx, "eta", t->eta.data, "in mode gdn (it takes beta)"))) return r;
     }
-    if (op == OP_DECODE || op == OP_DECODE_STATE) {
+    const int decode = op == OP_DECODE || op == OP_DECODE_STATE;
+    if (decode) {
         if (s->T != 1) return kla__fail(ctx, KLA_EINVAL, "shape: decode takes T = 1, got %lld", (long long)s->T);
         if ((r = forbid(ctx, "cu_seqlens", t->cu_seqlens.data, "in decode")) ||
             (r = forbid(ctx, "h0", t->h0.data, "in decode (the state is t->state)")))
@@ -319,9 +544,14 @@ static int check_call(KlaContext *ctx, const KlaShape *s, const KlaOptions *o,
                                  (long long)st->K, (long long)st->V, (long long)s->B, (long long)s->HV,
                                  (long long)s->K, (long long)s->V);
         }
-    } else {
-        if ((r = NEED_OUT(ht, 0)) || (r = forbid(ctx, "state", t->state.data, "outside decode")))
+    }
+    if (decode || op == OP_FORWARD) {
+        if ((r = decode ? forbid(ctx, "ht", t->ht.data, "in decode (the state is updated in place)")
+                        : NEED_OUT(ht, 0)) ||
+            (r = op != OP_DECODE ? forbid(ctx, "state", t->state.data, "outside decode") : 0))
             return r;
+    } else if ((r = NEED_OUT(ht, 0)) || (r = forbid(ctx, "state", t->state.data, "outside decode"))) {
+        return r;
     }
     if (op == OP_BACKWARD) {
         if ((r = NEED_IN(dout, 1)) || (r = NEED_IN(dht, 0)) || (r = NEED_OUT(dq, 1)) ||
@@ -345,37 +575,44 @@ static int check_call(KlaContext *ctx, const KlaShape *s, const KlaOptions *o,
             return r;
     }
 
+    /* sizes: every present tensor holds exactly what its shape asks for */
+    slot si[NIN], so[NOUT];
+    KlaIn in[NIN];
+    KlaOut out[NOUT];
+    set_slots(z, o, decode, si, so);
+    gather(t, o->mode == KLA_MODE_KLA, in, out);
+    for (int i = 0; i < NIN && !r; i++)
+        r = need_numel(ctx, si[i].name, in[i].data, in[i].numel, si[i].dims, si[i].shape, si[i].ndim);
+    for (int i = 0; i < NOUT && !r; i++)
+        r = need_numel(ctx, so[i].name, out[i].data, out[i].numel, so[i].dims, so[i].shape, so[i].ndim);
+    const int64_t ncu[1] = { z->N + 1 };
+    if (!r) r = need_numel(ctx, "cu_seqlens", t->cu_seqlens.data, t->cu_seqlens.numel, "[N + 1]", ncu, 1);
+    if (!r) r = check_overlaps(ctx, in, si, out, so, &t->cu_seqlens, ncu[0]);
+    if (r) return r;
+
     /* sequences */
     if (t->cu_seqlens.data) {
         if (s->B != 1)
             return kla__fail(ctx, KLA_EINVAL, "tensor cu_seqlens: needs B = 1, got B = %lld", (long long)s->B);
-        if (s->N <= 0)
-            return kla__fail(ctx, KLA_EINVAL, "tensor cu_seqlens: N = %lld sequences, must be > 0", (long long)s->N);
         if ((r = read_cu(ctx, &t->cu_seqlens, z->N, z->total, cu))) return r;
     } else {
-        if (!(*cu = malloc((size_t)(z->N + 1) * sizeof **cu))) return KLA_ENOMEM;
+        if (!(*cu = malloc((size_t)(z->N + 1) * sizeof **cu)))
+            return kla__fail(ctx, KLA_ENOMEM, "out of memory for %lld sequence offsets", (long long)z->N + 1);
         for (int64_t n = 0; n <= z->N; n++) (*cu)[n] = n * z->T;
     }
 
-    /* values: finite everywhere, g <= 0 */
-    const int64_t sq[] = { z->B, z->T, z->H, z->K }, sv[] = { z->B, z->T, z->HV, z->V };
-    const int64_t sg[] = { z->B, z->T, z->HV };
-    const int64_t sst[] = { z->N, z->HV, o->state_layout == KLA_LAYOUT_VK ? z->V : z->K,
-                            o->state_layout == KLA_LAYOUT_VK ? z->K : z->V };
-    if ((r = kla__check_values(ctx, "q", t->q, sq, 4, 0)) ||
-        (r = kla__check_values(ctx, "k", t->k, sq, 4, 0)) ||
-        (r = kla__check_values(ctx, "v", t->v, sv, 4, 0)) ||
-        (r = kla__check_values(ctx, "g", t->g, sg, 3, 1)) ||
-        (r = kla__check_values(ctx, "eta", t->eta, sg, 3, 0)) ||
-        (r = kla__check_values(ctx, "beta", t->beta, sg, 3, 0)) ||
-        (r = kla__check_values(ctx, "h0", t->h0, sst, 4, 0)) ||
-        (r = kla__check_values(ctx, "do", t->dout, sv, 4, 0)) ||
-        (r = kla__check_values(ctx, "dht", t->dht, sst, 4, 0))) {
+    /* values: finite everywhere, g <= 0; the decode state too */
+    for (int i = 0; i < NIN && !r; i++)
+        r = kla__check_values(ctx, si[i].name, in[i], si[i].shape, si[i].ndim, i == I_G);
+    if (!r && op == OP_DECODE)
+        r = kla__check_values(ctx, "state", (KlaIn){ t->state.data, t->state.dtype, so[O_STATE].n },
+                              so[O_STATE].shape, 4, 0);
+    if (!r && o->mode == KLA_MODE_KLA) r = check_step(ctx, z, o, t, decode, *cu);
+    if (r) {
         free(*cu);
         *cu = NULL;
-        return r;
     }
-    return 0;
+    return r;
 }
 
 /* ---- conversion between the caller's tensors and the backend's ------------------------- */
@@ -449,14 +686,89 @@ static void out_finish(KlaOut out, int64_t n, KlaDtype have, int vk, const sizes
     else convert(b->owned, have, out.data, out.dtype, n);
 }
 
-enum { I_Q, I_K, I_V, I_G, I_A, I_H0, I_DO, I_DHT, NIN };
-enum { O_O, O_HT, O_DQ, O_DK, O_DV, O_DG, O_DA, O_DH0, O_STATE, NOUT };
-
-static int run(KlaContext *ctx, const KlaShape *shape, const KlaOptions *opt,
-               const KlaTensors *t, op_kind op, KlaState *kst)
+/* The first non-finite element of an output, as "tensor o: Inf at o[b=0, t=5, hv=1, v=3]":
+ * the inputs were finite, so the computation overflowed (eps = 0 with a zero key, a huge
+ * eta or beta). Tokens are scanned in order, so the first token where it happened. */
+static int check_finite_out(KlaContext *ctx, const slot *x, const void *data, KlaDtype dt)
 {
-    if (!ctx) return KLA_EINVAL;
+    if (!data) return 0;
+    for (int64_t i = 0; i < x->n; i++) {
+        const double v = dt == KLA_F32 ? ((const float *)data)[i] : ((const double *)data)[i];
+        if (isfinite(v)) continue;
+        int64_t idx[4], r = i;
+        for (int d = x->ndim - 1; d >= 0; d--) idx[d] = r % x->shape[d], r /= x->shape[d];
+        /* index names from the dims, "[B, T, HV, V]" -> b, t, hv, v */
+        char where[160];
+        size_t o = 0;
+        const char *dn = x->dims + 1;
+        for (int d = 0; d < x->ndim && o < sizeof where; d++) {
+            size_t l = strcspn(dn, ",]");
+            char nm[8] = "";
+            for (size_t j = 0; j < l && j + 1 < sizeof nm; j++) nm[j] = (char)(dn[j] | 0x20);
+            o += (size_t)snprintf(where + o, sizeof where - o, "%s%s=%lld", d ? ", " : "", nm,
+                                  (long long)idx[d]);
+            dn += l + (dn[l] == ',' ? 2 : 0);
+        }
+        return kla__fail(ctx, KLA_ERANGE,
+                         "tensor %s: %s at %s[%s] from finite inputs (the computation overflowed: "
+                         "eps = 0 with a zero key, or a huge eta, beta, scale or state?)",
+                         x->name, isnan(v) ? "NaN" : "Inf", x->name, where);
+    }
+    return 0;
+}
+
+/* After a chunkwise forward found non-finite outputs: rerun the forward recurrently into
+ * scratch and name its first non-finite o instead (or say that it stays finite). */
+static void locate_recurrent(KlaContext *ctx, const kla_problem *p, const kla_io *io, const slot so[NOUT])
+{
+    const size_t es = dsize(ctx->be->real);
+    void *o = calloc((size_t)so[O_O].n, es);
+    char first[512];
+    snprintf(first, sizeof first, "%s", ctx->detail);
+    if (!o) return;
+    kla_io x = { .algo = KLA_ALGO_RECURRENT, .q = io->q, .k = io->k, .v = io->v, .g = io->g, .a = io->a,
+                 .h0 = io->h0, .o = o };
+    int r = ctx->be->forward(ctx->state, p, &x);
     ctx->detail[0] = 0;
+    if (r == 0 && check_finite_out(ctx, &so[O_O], o, ctx->be->real) == KLA_ERANGE) {
+        char rec[512];
+        snprintf(rec, sizeof rec, "%s", ctx->detail);
+        kla__fail(ctx, KLA_ERANGE, "%s (located by a recurrent rerun: the chunkwise run spread it over its chunk)",
+                  rec);
+    } else {
+        kla__fail(ctx, KLA_ERANGE, "%s (with the chunkwise algorithm only: the recurrent algorithm stays finite "
+                  "on these inputs)", first);
+    }
+    free(o);
+}
+
+_Thread_local KlaContext *kla__current;
+
+static int enter(KlaContext *ctx, const char *what)
+{
+    busy_ctx = NULL;
+    if (atomic_exchange(&ctx->busy, 1)) {
+        busy_ctx = ctx;
+        snprintf(busy_detail, sizeof busy_detail,
+                 "%s: the context is in use by another thread (use one context per thread)", what);
+        return KLA_EBUSY;
+    }
+    ctx->detail[0] = 0;
+    kla__current = ctx;
+    return 0;
+}
+
+static int leave(KlaContext *ctx, int r)
+{
+    if (r < 0 && !ctx->detail[0]) kla__fail(ctx, r, "%s", kla_strerror(r));
+    kla__current = NULL;
+    atomic_store(&ctx->busy, 0);
+    return r;
+}
+
+static int run_checked(KlaContext *ctx, const KlaShape *shape, const KlaOptions *opt,
+                       const KlaTensors *t, op_kind op, KlaState *kst)
+{
     if (!shape || !opt || !t) return kla__fail(ctx, KLA_EINVAL, "NULL shape, options or tensors");
     if (op == OP_DECODE_STATE && (!kst || kst->ctx != ctx))
         return kla__fail(ctx, KLA_EINVAL, "KlaState: %s", kst ? "made for another context" : "NULL");
@@ -467,25 +779,23 @@ static int run(KlaContext *ctx, const KlaShape *shape, const KlaOptions *opt,
 
     const KlaDtype R = ctx->be->real;
     const int vk = opt->state_layout == KLA_LAYOUT_VK;
-    const int kla = opt->mode == KLA_MODE_KLA;
+    const int decode = op == OP_DECODE || op == OP_DECODE_STATE;
     kla_problem p = {
         .N = z.N, .H = z.H, .HV = z.HV, .K = z.K, .V = z.V, .cu = cu, .total = z.total,
-        .mode = opt->mode, .scale = opt->scale != 0 ? opt->scale : 1 / sqrt((double)z.K),
+        .mode = opt->mode, .scale = isnan(opt->scale) ? 1 / sqrt((double)z.K) : opt->scale,
         .eps = opt->eps, .l2norm_q = opt->l2norm_q, .l2norm_k = opt->l2norm_k,
         .chunk = opt->chunk_size, .threads = ctx->params.threads,
     };
 
-    const KlaIn ins[NIN] = { t->q, t->k, t->v, t->g, kla ? t->eta : t->beta, t->h0, t->dout, t->dht };
-    const int64_t in_n[NIN] = { z.nq, z.nq, z.nv, z.ns, z.ns, z.nst, z.nv, z.nst };
-    const int in_vk[NIN] = { 0, 0, 0, 0, 0, vk, 0, vk };
-    const KlaOut outs[NOUT] = { t->o, t->ht, t->dq, t->dk, t->dv, t->dg, kla ? t->deta : t->dbeta,
-                                t->dh0, t->state };
-    const int64_t out_n[NOUT] = { z.nv, z.nst, z.nq, z.nq, z.nv, z.ns, z.ns, z.nst, z.nst };
-    const int out_vk[NOUT] = { 0, vk, 0, 0, 0, 0, 0, vk, vk };
+    slot si[NIN], so[NOUT];
+    KlaIn ins[NIN];
+    KlaOut outs[NOUT];
+    set_slots(&z, opt, decode, si, so);
+    gather(t, opt->mode == KLA_MODE_KLA, ins, outs);
     buf bi[NIN] = { { 0 } }, bo[NOUT] = { { 0 } };
 
-    for (int i = 0; i < NIN && !r; i++) r = in_buf(ins[i], in_n[i], R, &z, in_vk[i], &bi[i]);
-    for (int i = 0; i < NOUT && !r; i++) r = out_buf(outs[i], out_n[i], R, out_vk[i], &bo[i]);
+    for (int i = 0; i < NIN && !r; i++) r = in_buf(ins[i], si[i].n, R, &z, si[i].vk, &bi[i]);
+    for (int i = 0; i < NOUT && !r; i++) r = out_buf(outs[i], so[i].n, R, so[i].vk, &bo[i]);
     /* the decode state is read as well as written */
     if (!r && op == OP_DECODE && bo[O_STATE].owned) {
         if (vk) transpose(t->state.data, t->state.dtype, bo[O_STATE].owned, R, z.N * z.HV, z.V, z.K);
@@ -493,36 +803,50 @@ static int run(KlaContext *ctx, const KlaShape *shape, const KlaOptions *opt,
     }
     if (r == KLA_ENOMEM) r = kla__fail(ctx, r, "out of memory for the converted tensors");
 
+    int computed = 0;
     if (!r) {
-        const int algo = opt->algo;
+        kla_io io = { .algo = opt->algo, .q = bi[I_Q].ptr, .k = bi[I_K].ptr, .v = bi[I_V].ptr,
+                      .g = bi[I_G].ptr, .a = bi[I_A].ptr, .h0 = bi[I_H0].ptr, .dout = bi[I_DO].ptr,
+                      .dht = bi[I_DHT].ptr, .o = bo[O_O].ptr, .ht = bo[O_HT].ptr, .dq = bo[O_DQ].ptr,
+                      .dk = bo[O_DK].ptr, .dv = bo[O_DV].ptr, .dg = bo[O_DG].ptr, .da = bo[O_DA].ptr,
+                      .dh0 = bo[O_DH0].ptr, .state = bo[O_STATE].ptr };
         void *st = ctx->state;
-        if (op == OP_FORWARD)
-            r = ctx->be->forward(st, &p, algo, bi[I_Q].ptr, bi[I_K].ptr, bi[I_V].ptr, bi[I_G].ptr,
-                                 bi[I_A].ptr, bi[I_H0].ptr, bo[O_O].ptr, bo[O_HT].ptr);
-        else if (op == OP_BACKWARD)
-            r = ctx->be->backward(st, &p, algo, bi[I_Q].ptr, bi[I_K].ptr, bi[I_V].ptr, bi[I_G].ptr,
-                                  bi[I_A].ptr, bi[I_H0].ptr, bi[I_DO].ptr, bi[I_DHT].ptr,
-                                  bo[O_O].ptr, bo[O_HT].ptr, bo[O_DQ].ptr, bo[O_DK].ptr,
-                                  bo[O_DV].ptr, bo[O_DG].ptr, bo[O_DA].ptr, bo[O_DH0].ptr);
-        else if (op == OP_DECODE)
-            r = ctx->be->decode(st, &p, bi[I_Q].ptr, bi[I_K].ptr, bi[I_V].ptr, bi[I_G].ptr,
-                                bi[I_A].ptr, bo[O_STATE].ptr, bo[O_O].ptr);
-        else if (kst->h)
-            r = ctx->be->decode_state(st, &p, bi[I_Q].ptr, bi[I_K].ptr, bi[I_V].ptr, bi[I_G].ptr,
-                                      bi[I_A].ptr, kst->h, bo[O_O].ptr);
-        else
-            r = ctx->be->decode(st, &p, bi[I_Q].ptr, bi[I_K].ptr, bi[I_V].ptr, bi[I_G].ptr,
-                                bi[I_A].ptr, kst->host, bo[O_O].ptr);
+        if (op == OP_FORWARD) r = ctx->be->forward(st, &p, &io);
+        else if (op == OP_BACKWARD) r = ctx->be->backward(st, &p, &io);
+        else if (op == OP_DECODE) r = ctx->be->decode(st, &p, &io);
+        else if (kst->h) io.state = kst->h, r = ctx->be->decode_state(st, &p, &io);
+        else io.state = kst->host, r = ctx->be->decode(st, &p, &io);
         if (r < 0 && !ctx->detail[0])
             kla__fail(ctx, r, "backend %s: %s", ctx->be->name, kla_strerror(r));
+        computed = !r;
+        /* finite inputs gave non-finite outputs: an error, in the order of the outputs; the
+         * state of a KlaState is checked through o */
+        int bad = -1;
+        for (int i = 0; i < NOUT && !r; i++)
+            if ((r = check_finite_out(ctx, &so[i], bo[i].ptr, R))) bad = i;
+        /* a chunkwise run spreads a non-finite value over its chunk, earlier tokens too:
+         * the recurrent algorithm on the same inputs names the token where it arose */
+        if (r == KLA_ERANGE && (bad == O_O || bad == O_HT) && io.algo == KLA_ALGO_CHUNK)
+            locate_recurrent(ctx, &p, &io, so);
+        if (!r && !decode) ctx->last_algo = (KlaAlgo)io.algo;
     }
-    if (!r)
-        for (int i = 0; i < NOUT; i++) out_finish(outs[i], out_n[i], R, out_vk[i], &z, &bo[i]);
+    if (computed)
+        for (int i = 0; i < NOUT; i++) out_finish(outs[i], so[i].n, R, so[i].vk, &z, &bo[i]);
 
     for (int i = 0; i < NIN; i++) free(bi[i].owned);
     for (int i = 0; i < NOUT; i++) free(bo[i].owned);
     free(cu);
     return r;
+}
+
+static int run(KlaContext *ctx, const KlaShape *shape, const KlaOptions *opt,
+               const KlaTensors *t, op_kind op, KlaState *kst)
+{
+    static const char *const what[] = { "kla_forward", "kla_backward", "kla_decode", "kla_decode_state" };
+    if (!ctx) return KLA_EINVAL;
+    int r = enter(ctx, what[op]);
+    if (r) return r;
+    return leave(ctx, run_checked(ctx, shape, opt, t, op, kst));
 }
 
 int kla_forward(KlaContext *ctx, const KlaShape *s, const KlaOptions *o, const KlaTensors *t)
@@ -540,14 +864,25 @@ int kla_decode(KlaContext *ctx, const KlaShape *s, const KlaOptions *o, const Kl
     return run(ctx, s, o, t, OP_DECODE, NULL);
 }
 
+KlaAlgo kla_last_algo(const KlaContext *ctx) { return ctx ? ctx->last_algo : KLA_ALGO_AUTO; }
+
+const char *kla_describe(const KlaContext *ctx, char *out, size_t len)
+{
+    if (!out || !len) return out;
+    if (!ctx) {
+        snprintf(out, len, "none");
+        return out;
+    }
+    char more[200] = "";
+    if (ctx->be->describe) ctx->be->describe(ctx->state, more, sizeof more);
+    snprintf(out, len, "%s%s%s", ctx->be->name, more[0] ? ": " : "", more);
+    return out;
+}
+
 /* ---- KlaState --------------------------------------------------------------------------- */
 
-int kla_state_new(KlaContext *ctx, int64_t N, int64_t HV, int64_t K, int64_t V, KlaState **out)
+static int state_new(KlaContext *ctx, int64_t N, int64_t HV, int64_t K, int64_t V, KlaState **out)
 {
-    if (!out) return ctx ? kla__fail(ctx, KLA_EINVAL, "KlaState: NULL result pointer") : KLA_EINVAL;
-    *out = NULL;
-    if (!ctx) return KLA_EINVAL;
-    ctx->detail[0] = 0;
     const char *what[] = { "N", "HV", "K", "V" };
     const int64_t d[] = { N, HV, K, V };
     for (int i = 0; i < 4; i++)
@@ -563,11 +898,22 @@ int kla_state_new(KlaContext *ctx, int64_t N, int64_t HV, int64_t K, int64_t V, 
     else if (!(st->host = calloc((size_t)n, dsize(ctx->be->real)))) r = KLA_ENOMEM;
     if (r) {
         free(st);
+        if (ctx->detail[0]) return r;
         return kla__fail(ctx, r, "KlaState: %lld bytes on backend %s: %s", (long long)bytes, ctx->be->name,
                          kla_strerror(r));
     }
     *out = st;
     return 0;
+}
+
+int kla_state_new(KlaContext *ctx, int64_t N, int64_t HV, int64_t K, int64_t V, KlaState **out)
+{
+    if (out) *out = NULL;
+    if (!ctx) return KLA_EINVAL;
+    int r = enter(ctx, "kla_state_new");
+    if (r) return r;
+    if (!out) return leave(ctx, kla__fail(ctx, KLA_EINVAL, "KlaState: NULL result pointer"));
+    return leave(ctx, state_new(ctx, N, HV, K, V, out));
 }
 
 void kla_state_free(KlaState **st)
@@ -580,11 +926,10 @@ void kla_state_free(KlaState **st)
 }
 
 /* state <-> a caller's tensor of the given dtype and layout (to_state: write) */
-static int state_xfer(KlaState *st, void *data, KlaDtype dt, KlaStateLayout layout, int to_state)
+static int state_xfer(KlaState *st, void *data, KlaDtype dt, int64_t numel, KlaStateLayout layout,
+                      int to_state)
 {
-    if (!st) return KLA_EINVAL;
     KlaContext *ctx = st->ctx;
-    ctx->detail[0] = 0;
     const char *name = to_state ? "src" : "dst";
     if (!data) return kla__fail(ctx, KLA_EINVAL, "KlaState: %s is NULL", name);
     if (dt != KLA_F32 && dt != KLA_F64)
@@ -592,15 +937,13 @@ static int state_xfer(KlaState *st, void *data, KlaDtype dt, KlaStateLayout layo
     if (layout != KLA_LAYOUT_KV && layout != KLA_LAYOUT_VK)
         return kla__fail(ctx, KLA_EINVAL, "KlaState: layout %d is neither KV nor VK", (int)layout);
     const int vk = layout == KLA_LAYOUT_VK;
+    const int64_t sh[] = { st->N, st->HV, vk ? st->V : st->K, vk ? st->K : st->V };
+    int r = need_numel(ctx, name, data, numel, vk ? "[N, HV, V, K]" : "[N, HV, K, V]", sh, 4);
+    if (r) return r;
     const KlaDtype R = ctx->be->real;
-    if (to_state) {
-        const int64_t sh[] = { st->N, st->HV, vk ? st->V : st->K, vk ? st->K : st->V };
-        int r = kla__check_values(ctx, "state", (KlaIn){ data, dt }, sh, 4, 0);
-        if (r) return r;
-    }
+    if (to_state && (r = kla__check_values(ctx, "state", (KlaIn){ data, dt, numel }, sh, 4, 0))) return r;
     void *tmp = st->h ? malloc((size_t)st->n * dsize(R)) : st->host;
     if (!tmp) return kla__fail(ctx, KLA_ENOMEM, "KlaState: out of memory");
-    int r = 0;
     if (to_state) {
         if (vk) transpose(data, dt, tmp, R, st->N * st->HV, st->V, st->K);
         else convert(data, dt, tmp, R, st->n);
@@ -611,17 +954,27 @@ static int state_xfer(KlaState *st, void *data, KlaDtype dt, KlaStateLayout layo
         else if (!r) convert(tmp, R, data, dt, st->n);
     }
     if (st->h) free(tmp);
-    return r ? kla__fail(ctx, r, "KlaState: copy on backend %s: %s", ctx->be->name, kla_strerror(r)) : 0;
+    if (r && !ctx->detail[0]) kla__fail(ctx, r, "KlaState: copy on backend %s: %s", ctx->be->name, kla_strerror(r));
+    return r;
+}
+
+static int state_call(KlaState *st, void *data, KlaDtype dt, int64_t numel, KlaStateLayout layout,
+                      int to_state)
+{
+    if (!st) return KLA_EINVAL;
+    int r = enter(st->ctx, to_state ? "kla_state_write" : "kla_state_read");
+    if (r) return r;
+    return leave(st->ctx, state_xfer(st, data, dt, numel, layout, to_state));
 }
 
 int kla_state_write(KlaState *st, KlaIn src, KlaStateLayout layout)
 {
-    return state_xfer(st, (void *)src.data, src.dtype, layout, 1);
+    return state_call(st, (void *)src.data, src.dtype, src.numel, layout, 1);
 }
 
 int kla_state_read(KlaState *st, KlaOut dst, KlaStateLayout layout)
 {
-    return state_xfer(st, dst.data, dst.dtype, layout, 0);
+    return state_call(st, dst.data, dst.dtype, dst.numel, layout, 0);
 }
 
 int kla_decode_state(KlaContext *ctx, const KlaShape *s, const KlaOptions *o, const KlaTensors *t, KlaState *st)
@@ -632,31 +985,27 @@ int kla_decode_state(KlaContext *ctx, const KlaShape *s, const KlaOptions *o, co
 /* ---- the reference backends ------------------------------------------------------------ */
 
 static int always(void) { return 1; }
-static int ref_algo(int algo) { return algo == KLA_ALGO_CHUNK ? KLA_ALGO_CHUNK : KLA_ALGO_RECURRENT; }
 
 #define REF_BACKEND(R, sfx, NAME, DT)                                                          \
-    static int ref_fwd_##sfx(void *st, const kla_problem *p, int algo, const void *q,          \
-                             const void *k, const void *v, const void *g, const void *a,       \
-                             const void *h0, void *o, void *ht)                                \
+    static int ref_fwd_##sfx(void *st, const kla_problem *p, kla_io *x)                        \
     {                                                                                          \
         (void)st;                                                                              \
-        return kla_ref_forward_##sfx(p, ref_algo(algo), q, k, v, g, a, h0, o, ht);             \
+        x->algo = x->algo == KLA_ALGO_CHUNK ? KLA_ALGO_CHUNK : KLA_ALGO_RECURRENT;             \
+        return kla_ref_forward_##sfx(p, x->algo, x->q, x->k, x->v, x->g, x->a, x->h0, x->o,    \
+                                     x->ht);                                                   \
     }                                                                                          \
-    static int ref_bwd_##sfx(void *st, const kla_problem *p, int algo, const void *q,          \
-                             const void *k, const void *v, const void *g, const void *a,       \
-                             const void *h0, const void *dout, const void *dht, void *o,       \
-                             void *ht, void *dq, void *dk, void *dv, void *dg, void *da,       \
-                             void *dh0)                                                        \
+    static int ref_bwd_##sfx(void *st, const kla_problem *p, kla_io *x)                        \
     {                                                                                          \
         (void)st;                                                                              \
-        return kla_ref_backward_##sfx(p, ref_algo(algo), q, k, v, g, a, h0, dout, dht, o, ht,  \
-                                      dq, dk, dv, dg, da, dh0);                                \
+        x->algo = x->algo == KLA_ALGO_CHUNK ? KLA_ALGO_CHUNK : KLA_ALGO_RECURRENT;             \
+        return kla_ref_backward_##sfx(p, x->algo, x->q, x->k, x->v, x->g, x->a, x->h0,         \
+                                      x->dout, x->dht, x->o, x->ht, x->dq, x->dk, x->dv,       \
+                                      x->dg, x->da, x->dh0);                                   \
     }                                                                                          \
-    static int ref_dec_##sfx(void *st, const kla_problem *p, const void *q, const void *k,     \
-                             const void *v, const void *g, const void *a, void *S, void *o)    \
+    static int ref_dec_##sfx(void *st, const kla_problem *p, kla_io *x)                        \
     {                                                                                          \
         (void)st;                                                                              \
-        return kla_ref_decode_##sfx(p, q, k, v, g, a, S, o);                                   \
+        return kla_ref_decode_##sfx(p, x->q, x->k, x->v, x->g, x->a, x->state, x->o);          \
     }                                                                                          \
     const kla_backend kla_backend_##NAME = { .name = #NAME, .real = DT, .usable = always,     \
                                              .forward = ref_fwd_##sfx, .backward = ref_bwd_##sfx, \

@@ -9,10 +9,21 @@
 #define KLA_INTERNAL_H
 
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stddef.h>
 
 #include "kla.h"
 #include "kla_ref.h"
+
+/* One call's tensors, in the backend's dtype (states in the KV layout unless the
+ * backend takes VK). Optional pointers may be NULL as in kla_ref.h. */
+typedef struct kla_io {
+    int algo; /* in: KLA_ALGO_AUTO, RECURRENT or CHUNK; out: the one that ran */
+    const void *q, *k, *v, *g, *a; /* a: eta (mode kla) or beta (mode gdn) */
+    const void *h0, *dout, *dht;
+    void *o, *ht, *dq, *dk, *dv, *dg, *da, *dh0;
+    void *state; /* decode: the host states [N, HV, K, V]; decode_state: the backend's handle */
+} kla_io;
 
 typedef struct kla_backend {
     const char *name;
@@ -21,27 +32,25 @@ typedef struct kla_backend {
     /* optional per-context state (device handles, thread pools) */
     int (*open)(void **state, const KlaParams *params, char *err, size_t errlen);
     void (*close)(void *state);
-    /* algo is KLA_ALGO_RECURRENT, KLA_ALGO_CHUNK or KLA_ALGO_AUTO (backend's choice);
-     * optional pointers as in kla_ref.h. Return 0 or KLA_E*. */
-    int (*forward)(void *state, const kla_problem *p, int algo, const void *q, const void *k,
-                   const void *v, const void *g, const void *a, const void *h0, void *o,
-                   void *ht);
-    int (*backward)(void *state, const kla_problem *p, int algo, const void *q, const void *k,
-                    const void *v, const void *g, const void *a, const void *h0,
-                    const void *dout, const void *dht, void *o, void *ht, void *dq, void *dk,
-                    void *dv, void *dg, void *da, void *dh0);
-    int (*decode)(void *state, const kla_problem *p, const void *q, const void *k,
-                  const void *v, const void *g, const void *a, void *S, void *o);
+    /* optional: the settings in effect, one line ("avx512, 2 threads") */
+    void (*describe)(void *state, char *buf, size_t len);
+    /* forward reads q k v g a h0 and writes o ht; backward also reads dout dht and writes
+     * dq dk dv dg da dh0; decode reads q k v g a, reads and updates state, writes o.
+     * Each sets io->algo to the algorithm it ran. Return 0 or KLA_E* (with a message
+     * through kla__fail when there is more to say than the code). */
+    int (*forward)(void *state, const kla_problem *p, kla_io *io);
+    int (*backward)(void *state, const kla_problem *p, kla_io *io);
+    int (*decode)(void *state, const kla_problem *p, kla_io *io);
     /* optional, GPU backends: kla_gpu_time of the last call that succeeded */
     int (*gpu_time)(void *state, double *ms, const char **names, int max);
     /* optional: KlaState in the backend's own memory (all four, or none: then the glue keeps
      * the state in host memory, in the backend's dtype and the KV layout, and calls decode).
-     * state_copy moves `bytes` between host (that layout and dtype) and the handle. */
+     * state_copy moves `bytes` between host (that layout and dtype) and the handle;
+     * decode_state is decode with io->state the handle. */
     int (*state_new)(void *state, int64_t bytes, void **h);
     void (*state_free)(void *state, void *h);
     int (*state_copy)(void *state, void *h, void *host, int64_t bytes, int to_backend);
-    int (*decode_state)(void *state, const kla_problem *p, const void *q, const void *k,
-                        const void *v, const void *g, const void *a, void *h, void *o);
+    int (*decode_state)(void *state, const kla_problem *p, kla_io *io);
 } kla_backend;
 
 extern const kla_backend kla_backend_ref;
@@ -58,7 +67,13 @@ struct KlaContext {
     void *state;
     KlaParams params;
     char detail[512];
+    atomic_int busy; /* 1 while a call runs: a second thread gets KLA_EBUSY */
+    KlaAlgo last_algo;
 };
+
+/* Backends report why a call failed through this: the message of the context whose
+ * backend state is `state` (kla__fail on it). Set by the glue for the call's duration. */
+extern _Thread_local KlaContext *kla__current;
 
 /* Records a message for kla_error_detail and returns err. */
 int kla__fail(KlaContext *ctx, int err, const char *fmt, ...)
@@ -66,6 +81,15 @@ int kla__fail(KlaContext *ctx, int err, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)))
 #endif
     ;
+
+/* The same for calls without a context (kla_open, kla_file_*): kla_error_detail(NULL).
+ * kla__noclear empties it at the start of such a call. */
+int kla__nofail(int err, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 2, 3)))
+#endif
+    ;
+void kla__noclear(void);
 
 /* Checks that every element of a real tensor is finite, and <= 0 when nonpos; the
  * message names the tensor and the index. */

@@ -1465,6 +1465,59 @@ nomem:
     return -1;
 }
 
+/* The final target of path after following symlinks (40 at most, as the kernel does),
+ * whether or not it exists; malloc'ed. */
+static int resolve_links(const char *path, char **out, char *err, size_t errlen)
+{
+    char *cur = strdup(path);
+    if (!cur) {
+        seterr(err, errlen, "%s: out of memory", path);
+        return -1;
+    }
+    for (int hops = 0;; hops++) {
+        struct stat ls;
+        if (lstat(cur, &ls) != 0 || !S_ISLNK(ls.st_mode)) {
+            *out = cur;
+            return 0;
+        }
+        if (hops == 40) {
+            seterr(err, errlen, "%s: too many levels of symbolic links", path);
+            free(cur);
+            return -1;
+        }
+        size_t cap = (size_t)(ls.st_size > 0 ? ls.st_size : 255) + 1;
+        char *link = malloc(cap);
+        ssize_t n = link ? readlink(cur, link, cap) : -1;
+        if (n < 0 || (size_t)n >= cap) {
+            seterr(err, errlen, "%s: cannot read the symbolic link %s", path, cur);
+            free(link);
+            free(cur);
+            return -1;
+        }
+        link[n] = 0;
+        char *next;
+        const char *slash = strrchr(cur, '/');
+        if (link[0] == '/' || !slash) {
+            next = link;
+        } else {
+            /* relative to the link's folder */
+            size_t dl = (size_t)(slash - cur) + 1;
+            next = malloc(dl + (size_t)n + 1);
+            if (next) {
+                memcpy(next, cur, dl);
+                memcpy(next + dl, link, (size_t)n + 1);
+            }
+            free(link);
+        }
+        free(cur);
+        if (!next) {
+            seterr(err, errlen, "%s: out of memory", path);
+            return -1;
+        }
+        cur = next;
+    }
+}
+
 int st_write(const char *path, const st_tensor *tensors, int count,
              const char *const *meta_keys, const char *const *meta_values, int meta_count,
              char *err, size_t errlen)
@@ -1533,39 +1586,79 @@ int st_write(const char *path, const st_tensor *tensors, int count,
     for (int i = 0; i < 8; i++)
         lenbytes[i] = (uint8_t)(((uint64_t)b.len >> (8 * i)) & 0xFF);
 
-    /* temporary file next to path, renamed over it at the end */
-    static const char suffix[] = ".tmpXXXXXX";
-    size_t pl = strlen(path);
-    char *tmp = malloc(pl + sizeof suffix);
-    if (!tmp) {
-        free(b.p);
-        seterr(err, errlen, "%s: out of memory", path);
-        return -1;
+    /* Where the bytes go. "-" is standard output. A symlink is followed to its final
+     * target, which is written in its place (the link stays a link). A target that exists
+     * and is not a regular file (a device such as /dev/null, a FIFO, a terminal) is
+     * written through in place: no atomicity is possible there, and nothing else of it
+     * changes. Anything else gets a temporary file beside the target, renamed over it only
+     * once everything was written, so a failure leaves no partial file; an existing
+     * regular file keeps its permissions. */
+    const char *stage = "write";
+    int rc = -1, fd = -1, direct = 0;
+    char *tmp = NULL, *target = NULL;
+    struct stat ts;
+    int exists = 0;
+    if (!strcmp(path, "-")) {
+        fd = STDOUT_FILENO;
+        direct = 1;
+    } else {
+        if (resolve_links(path, &target, err, errlen)) {
+            free(b.p);
+            return -1;
+        }
+        exists = stat(target, &ts) == 0;
+        if (exists && S_ISDIR(ts.st_mode)) {
+            seterr(err, errlen, "%s: is a directory", path);
+            free(target);
+            free(b.p);
+            return -1;
+        }
+        if (exists && !S_ISREG(ts.st_mode)) {
+            stage = "open";
+            fd = open(target, O_WRONLY | O_NOCTTY);
+            if (fd < 0)
+                goto fail;
+            direct = 1;
+        }
     }
-    memcpy(tmp, path, pl);
-    memcpy(tmp + pl, suffix, sizeof suffix);
-    int fd = mkstemp(tmp);
-    if (fd < 0) {
-        seterr(err, errlen, "%s: cannot create a temporary file: %s", path, strerror(errno));
-        free(tmp);
-        free(b.p);
-        return -1;
-    }
-    /* mkstemp makes the file 0600; give it the mode a plain creat() would have. The umask
-     * is read by setting it back at once (not thread-safe; this is a tool library).
-     * A failure here is harmless and ignored. */
-    {
+    if (!direct) {
+        static const char suffix[] = ".tmpXXXXXX";
+        size_t pl = strlen(target);
+        tmp = malloc(pl + sizeof suffix);
+        if (!tmp) {
+            seterr(err, errlen, "%s: out of memory", path);
+            free(target);
+            free(b.p);
+            return -1;
+        }
+        memcpy(tmp, target, pl);
+        memcpy(tmp + pl, suffix, sizeof suffix);
+        fd = mkstemp(tmp);
+        if (fd < 0) {
+            seterr(err, errlen, "%s: cannot create a temporary file: %s", path, strerror(errno));
+            free(tmp);
+            free(target);
+            free(b.p);
+            return -1;
+        }
+        /* mkstemp makes the file 0600: give it the mode of the file it replaces, else the
+         * mode a plain creat() would have. The umask is read by setting it back at once
+         * (not thread-safe; this is a tool library). A failure here is harmless. */
         mode_t um = umask(0);
         umask(um);
-        (void)fchmod(fd, (mode_t)(0666 & ~um));
+        (void)fchmod(fd, exists ? (ts.st_mode & 07777) : (mode_t)(0666 & ~um));
     }
-    const char *stage = "write";
-    int rc = -1;
+    stage = "write";
     if (write_all(fd, lenbytes, 8) || write_all(fd, b.p, b.len))
         goto fail;
     for (int i = 0; i < count; i++)
         if (tensors[i].nbytes && write_all(fd, tensors[i].data, tensors[i].nbytes))
             goto fail;
+    if (fd == STDOUT_FILENO) {
+        fd = -1;
+        rc = 0;
+        goto done;
+    }
     stage = "close";
     {
         int c = close(fd);
@@ -1573,20 +1666,24 @@ int st_write(const char *path, const st_tensor *tensors, int count,
         if (c != 0)
             goto fail;
     }
-    stage = "rename";
-    if (rename(tmp, path) != 0)
-        goto fail;
+    if (!direct) {
+        stage = "rename";
+        if (rename(tmp, target) != 0)
+            goto fail;
+    }
     rc = 0;
     goto done;
 fail: {
     int e = errno;
     seterr(err, errlen, "%s: %s failed: %s", path, stage, strerror(e));
 }
-    if (fd >= 0)
+    if (fd >= 0 && fd != STDOUT_FILENO)
         close(fd);
-    unlink(tmp);
+    if (tmp)
+        unlink(tmp);
 done:
     free(tmp);
+    free(target);
     free(b.p);
     return rc;
 }

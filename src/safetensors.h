@@ -66,4 +66,8 @@ int st_write(const char *path, const st_tensor *tensors, int count,
              const char *const *meta_keys, const char *const *meta_values, int meta_count,
              char *err, size_t errlen);
 
+/* The parsed file behind a KlaFile (kla.h), for the project's own tools. */
+struct KlaFile;
+const st_file *kla__file_st(const struct KlaFile *f);
+
 #endif

@@ -119,7 +119,8 @@ static void make(const tcase *c, data *d)
     d->s = (KlaShape){ c->B, c->T, c->H, c->HV, c->K, c->V, N };
     kla_default_options(&d->opt);
     d->opt.mode = c->mode, d->opt.l2norm_q = c->l2q, d->opt.l2norm_k = c->l2k;
-    d->opt.chunk_size = c->chunk, d->opt.scale = c->scale;
+    d->opt.chunk_size = c->chunk;
+    d->opt.scale = c->scale != 0 ? c->scale : KLA_SCALE_DEFAULT; /* 0 in the tables: K^-1/2 */
     d->opt.state_layout = c->vk ? KLA_LAYOUT_VK : KLA_LAYOUT_KV;
     if (c->cu) memcpy(d->cu64, c->cu, (size_t)(N + 1) * sizeof(int64_t));
     const int64_t nq = total * c->H * c->K, nv = total * c->HV * c->V, ns = total * c->HV;
@@ -145,29 +146,32 @@ static void make(const tcase *c, data *d)
 static KlaTensors tensors(const tcase *c, data *d, int backward)
 {
     KlaTensors t = { 0 };
-    t.q = KLA_F32_IN(d->x[X_Q]), t.k = KLA_F32_IN(d->x[X_K]), t.v = KLA_F32_IN(d->x[X_V]);
-    if (c->has_g) t.g = KLA_F32_IN(d->x[X_G]);
-    if (c->mode == KLA_MODE_KLA) t.eta = KLA_F32_IN(d->x[X_A]);
-    else t.beta = KLA_F32_IN(d->x[X_A]);
-    if (c->has_h0) t.h0 = KLA_F32_IN(d->x[X_H0]);
-    if (c->cu) t.cu_seqlens = (KlaIn){ d->cu64, KLA_I64 };
+    t.q = KLA_F32_IN(d->x[X_Q], d->nx[X_Q]), t.k = KLA_F32_IN(d->x[X_K], d->nx[X_K]);
+    t.v = KLA_F32_IN(d->x[X_V], d->nx[X_V]);
+    if (c->has_g) t.g = KLA_F32_IN(d->x[X_G], d->nx[X_G]);
+    if (c->mode == KLA_MODE_KLA) t.eta = KLA_F32_IN(d->x[X_A], d->nx[X_A]);
+    else t.beta = KLA_F32_IN(d->x[X_A], d->nx[X_A]);
+    if (c->has_h0) t.h0 = KLA_F32_IN(d->x[X_H0], d->nx[X_H0]);
+    if (c->cu) t.cu_seqlens = KLA_IN(d->cu64, KLA_I64, c->nseq + 1);
     if (backward) {
-        t.dout = KLA_F32_IN(d->x[X_DO]);
-        if (c->has_dht) t.dht = KLA_F32_IN(d->x[X_DHT]);
+        t.dout = KLA_F32_IN(d->x[X_DO], d->nx[X_DO]);
+        if (c->has_dht) t.dht = KLA_F32_IN(d->x[X_DHT], d->nx[X_DHT]);
     }
     return t;
 }
 
-/* point the outputs at y[] (float) or yd[] (double) */
-static void outputs(const tcase *c, KlaTensors *t, int backward, void **y, KlaDtype dt)
+/* point the outputs at y[] (float) or yd[] (double), each of d->ny[] elements */
+static void outputs(const tcase *c, const data *d, KlaTensors *t, int backward, void **y, KlaDtype dt)
 {
-    t->o = (KlaOut){ y[Y_O], dt }, t->ht = (KlaOut){ y[Y_HT], dt };
+    const int64_t *n = d->ny;
+    t->o = KLA_OUT(y[Y_O], dt, n[Y_O]), t->ht = KLA_OUT(y[Y_HT], dt, n[Y_HT]);
     if (!backward) return;
-    t->dq = (KlaOut){ y[Y_DQ], dt }, t->dk = (KlaOut){ y[Y_DK], dt }, t->dv = (KlaOut){ y[Y_DV], dt };
-    if (c->want_dg) t->dg = (KlaOut){ y[Y_DG], dt };
-    if (c->mode == KLA_MODE_KLA) t->deta = (KlaOut){ y[Y_DA], dt };
-    else t->dbeta = (KlaOut){ y[Y_DA], dt };
-    if (c->want_dh0) t->dh0 = (KlaOut){ y[Y_DH0], dt };
+    t->dq = KLA_OUT(y[Y_DQ], dt, n[Y_DQ]), t->dk = KLA_OUT(y[Y_DK], dt, n[Y_DK]);
+    t->dv = KLA_OUT(y[Y_DV], dt, n[Y_DV]);
+    if (c->want_dg) t->dg = KLA_OUT(y[Y_DG], dt, n[Y_DG]);
+    if (c->mode == KLA_MODE_KLA) t->deta = KLA_OUT(y[Y_DA], dt, n[Y_DA]);
+    else t->dbeta = KLA_OUT(y[Y_DA], dt, n[Y_DA]);
+    if (c->want_dh0) t->dh0 = KLA_OUT(y[Y_DH0], dt, n[Y_DH0]);
 }
 
 static int nouts(int backward) { return backward ? NY : 2; }
@@ -187,7 +191,7 @@ static int run_ref64(const tcase *c, data *d)
     KlaTensors t = tensors(c, d, 1);
     void *y[NY];
     for (int i = 0; i < NY; i++) y[i] = d->ref[i];
-    outputs(c, &t, 1, y, KLA_F64);
+    outputs(c, d, &t, 1, y, KLA_F64);
     d->opt.algo = KLA_ALGO_RECURRENT;
     int r = kla_backward(ctx, &d->s, &d->opt, &t);
     if (r < 0) fprintf(stderr, "ref64: %s\n", kla_error_detail(ctx));
@@ -209,7 +213,7 @@ static int run_simd(const tcase *c, data *d, unsigned mask, int threads, int alg
     KlaTensors t = tensors(c, d, backward);
     void *yy[NY];
     for (int i = 0; i < NY; i++) yy[i] = y[i];
-    outputs(c, &t, backward, yy, KLA_F32);
+    outputs(c, d, &t, backward, yy, KLA_F32);
     d->opt.algo = algo;
     r = backward ? kla_backward(ctx, &d->s, &d->opt, &t) : kla_forward(ctx, &d->s, &d->opt, &t);
     if (r < 0) fprintf(stderr, "simd: %s\n", kla_error_detail(ctx));
@@ -289,7 +293,7 @@ static void check_decode(const tcase *c, const level *lv, int nlv)
     kla_open(&ctx, &p);
     KlaTensors t = tensors(c, &d, 0);
     t.h0 = (KlaIn){ 0 };
-    t.o = KLA_F64_OUT(oref), t.state = KLA_F64_OUT(sref);
+    t.o = KLA_F64_OUT(oref, d.ny[Y_O]), t.state = KLA_F64_OUT(sref, nst);
     int r = kla_decode(ctx, &d.s, &d.opt, &t);
     kla_close(&ctx);
     for (int l = 0; l < nlv; l++) {
@@ -304,7 +308,7 @@ static void check_decode(const tcase *c, const level *lv, int nlv)
                 ok = 0;
                 continue;
             }
-            t.o = KLA_F32_OUT(o[th]), t.state = KLA_F32_OUT(st[th]);
+            t.o = KLA_F32_OUT(o[th], d.ny[Y_O]), t.state = KLA_F32_OUT(st[th], nst);
             if (kla_decode(ctx, &d.s, &d.opt, &t) < 0) ok = 0;
             kla_close(&ctx);
             ok &= gok(st[th], nst) && gok(o[th], d.ny[Y_O]);
@@ -378,9 +382,11 @@ static void bench(const level *lv, int nlv)
             kla_open(&ctx, &p);
             KlaShape s1 = { 1, 1, 4, 4, 128, 128, 1 };
             float *st = calloc(4 * 128 * 128, sizeof(float)), o[4 * 128];
-            KlaTensors t = { .q = KLA_F32_IN(d.x[X_Q]), .k = KLA_F32_IN(d.x[X_K]),
-                             .v = KLA_F32_IN(d.x[X_V]), .g = KLA_F32_IN(d.x[X_G]),
-                             .eta = KLA_F32_IN(d.x[X_A]), .o = KLA_F32_OUT(o), .state = KLA_F32_OUT(st) };
+            /* the first token of the prepared data: [1, 4, 128], [1, 4] */
+            KlaTensors t = { .q = KLA_F32_IN(d.x[X_Q], 4 * 128), .k = KLA_F32_IN(d.x[X_K], 4 * 128),
+                             .v = KLA_F32_IN(d.x[X_V], 4 * 128), .g = KLA_F32_IN(d.x[X_G], 4),
+                             .eta = KLA_F32_IN(d.x[X_A], 4), .o = KLA_F32_OUT(o, 4 * 128),
+                             .state = KLA_F32_OUT(st, 4 * 128 * 128) };
             d.opt.algo = KLA_ALGO_AUTO;
             const double t0 = now();
             for (int i = 0; i < 64; i++) kla_decode(ctx, &s1, &d.opt, &t);

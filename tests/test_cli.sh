@@ -221,6 +221,39 @@ def main():
         write(out, ts + [("cu_seqlens", "I64", [len(cu)], cu)], HMETA)
     elif case == "badeps":
         hand(out, meta={"eps": "abc"})
+    elif case == "badname":
+        # flash-linear-attention's name for h0: must not run from a zero state
+        hand(out, add=[("initial_state", "F32", [1, 1, 2, 1], [5, 5])])
+    elif case == "misspelt":
+        hand(out, add=[("h_0", "F32", [1, 1, 2, 1], [5, 5])])
+    elif case == "badkey":
+        hand(out, meta={"scael": "0.5"})
+    elif case == "family":
+        hand(out, add=[("beta_atk", "F32", [1, 2, 1], [1, 1])])
+    elif case == "gchannel":
+        hand(out, meta={"gate": "channel"})
+    elif case == "scale0":
+        hand(out, meta={"scale": "0"})
+    elif case == "zerok":
+        # eps = 0 and an all-zero key at token 1: beta = eta / 0, o non-finite from t = 1
+        hand(out, repl={"k": ("F32", [2, 0, 0, 0])}, add=[("do", "F32", [1, 2, 1, 1], [1, 1])])
+    elif case == "hugescale":
+        # finite scale and q whose product overflows float64 as well as float32
+        hand(out, meta={"scale": "1e300"}, repl={"q": ("F32", [1e38, 1e38, 1e38, 0])})
+    elif case == "donan":
+        # forward does not read do: forward runs pass, backward runs fail
+        hand(out, add=[("do", "F32", [1, 2, 1, 1], [1, float("nan")]),
+                       ("o", "F64", [1, 2, 1, 1], [1.5, 0.8125]),
+                       ("ht", "F64", [1, 1, 2, 1], [0.8125, 0.0625]),
+                       ("dq", "F64", [1, 2, 1, 2], [0, 0, 0, 0])])
+    elif case == "golden_badcu":
+        # a golden-like case (with outputs) whose cu_seqlens runs past T
+        ts = [(n, d, s, v) for n, d, s, v in HAND]
+        write(out, ts + [("cu_seqlens", "I32", [3], [0, 5, 2]), ("do", "F32", [1, 2, 1, 1], [1, 1]),
+                         ("o", "F64", [1, 2, 1, 1], [1.5, 0.8125])], HMETA)
+    elif case == "golden_baddt":
+        # expected o stored as I32 with the wrong shape
+        hand(out, add=[("do", "F32", [1, 2, 1, 1], [1, 1]), ("o", "I32", [7], [0] * 7)])
     elif case == "badl2":
         hand(out, meta={"l2norm_q": "yes"})
     elif case == "badlayout":
@@ -234,6 +267,16 @@ def main():
         o = r["o"][2]
         o[((1 * 32 + 17) * 4 + 2) * 16 + 5] *= 1.001
         write(out, [("o", "F32", r["o"][1], o), ("ht", "F32", r["ht"][1], r["ht"][2])])
+    elif case == "verify_uniform":
+        # every element off by 1.5625e-5 relative: rel_rmse 1.5625e-5, each element far
+        # inside the elementwise bound, so only the rel_rmse tolerance can fail it
+        r, _ = read(sys.argv[3])
+        write(out, [("o", "F32", r["o"][1], [x * (1 + 1.5625e-5) for x in r["o"][2]]),
+                    ("ht", "F32", r["ht"][1], r["ht"][2])])
+    elif case == "values":
+        # argv: file tensor; prints the values
+        r, _ = read(out)
+        print(" ".join(repr(x) for x in r[sys.argv[3]][2]))
     elif case == "verify_missing":
         r, _ = read(sys.argv[3])
         write(out, [("o", "F64", r["o"][1], r["o"][2])])
@@ -435,7 +478,8 @@ bad() {
     else ok "$name"; fi
 }
 for c in truncated lying i32q vshape hvmult gpos nank infv noeta noboth both cu_decr cu_end \
-         cu_b2 badeps badl2 badlayout; do
+         cu_b2 badeps badl2 badlayout badname misspelt badkey family gchannel scale0 zerok hugescale donan \
+         golden_badcu golden_baddt; do
     gen $c $c.st
 done
 bad "nonexistent input" 'nosuch\.st.*(No such|exist)' "$KLA" forward nosuch.st -o bad.st
@@ -458,12 +502,118 @@ bad "cu_seqlens decreasing (decode)" 'cu_decr\.st.*cu_seqlens' "$KLA" decode cu_
 bad "cu_seqlens not ending at T" 'cu_end\.st.*cu_seqlens' "$KLA" forward cu_end.st -o bad.st
 bad "cu_seqlens not ending at T (decode)" 'cu_end\.st.*cu_seqlens' "$KLA" decode cu_end.st -o bad.st
 bad "cu_seqlens with B != 1" 'cu_b2\.st.*cu_seqlens.*B' "$KLA" forward cu_b2.st -o bad.st
-bad "bad metadata eps" 'badeps\.st.*"eps".*"abc".*not a number' "$KLA" forward badeps.st -o bad.st
+bad "bad metadata eps" 'badeps\.st.*"eps".*"abc".*not a (finite )?number' "$KLA" forward badeps.st -o bad.st
 bad "bad metadata l2norm_q" 'badl2\.st.*"l2norm_q"' "$KLA" forward badl2.st -o bad.st
 bad "bad metadata state_layout" 'badlayout\.st.*"state_layout"' "$KLA" forward badlayout.st -o bad.st
 bad "backward without do" 'hand\.st.*"do"' "$KLA" backward hand.st -o bad.st
 bad "unknown backend" 'nosuch' "$KLA" forward --backend nosuch hand.st -o bad.st
 bad "bad chunk size" 'hand\.st.*chunk' "$KLA" forward --algo chunk --chunk-size 17 hand.st -o bad.st
+# names and keys the spec does not define are errors, not silently ignored
+for cmd in forward backward decode; do
+    bad "$cmd: fla's initial_state is refused, with a hint" \
+        'badname\.st.*"initial_state" is not defined.*did you mean h0' "$KLA" $cmd badname.st -o bad.st
+done
+bad "a misspelt h0 is refused with a hint" 'misspelt\.st.*"h_0".*did you mean h0' "$KLA" forward misspelt.st -o bad.st
+bad "an unknown metadata key is refused with a hint" 'badkey\.st.*"scael".*did you mean scale' \
+    "$KLA" forward badkey.st -o bad.st
+bad "a family tensor (beta_atk) is refused as not run here" 'family\.st.*"beta_atk".*section 7' \
+    "$KLA" forward family.st -o bad.st
+bad "gate = channel is refused as not run here" 'gchannel\.st.*"gate".*channel' "$KLA" forward gchannel.st -o bad.st
+# scale "0" is taken literally: o = 0, ht as usual
+if "$KLA" forward --backend ref64 scale0.st -o s0.st >out.txt 2>err.txt &&
+    [ "$(gen values s0.st o)" = "0.0 0.0" ] && gen values s0.st ht | grep -q '^0\.81249'; then
+    ok "metadata scale \"0\" is taken literally (o = 0)"; else nok "metadata scale \"0\" is taken literally (o = 0)"; fi
+# finite inputs, non-finite result: an error naming the tensor and the first token
+for cmd in forward backward; do
+    bad "$cmd: eps 0 with a zero key: a non-finite step size, named at t=1" \
+        'zerok\.st.*tensor eta: the step size .* not finite at \[b=0, t=1, hv=0\].*eps = 0' "$KLA" $cmd zerok.st -o bad.st
+done
+bad "decode: eps 0 with a zero key, named at token 1" \
+    'zerok\.st.*tensor eta: the step size .* not finite.*token 1' "$KLA" decode zerok.st -o bad.st
+for be in ref ref64; do
+    bad "a result that overflows from finite inputs names o and the token ($be)" \
+        'hugescale\.st.*tensor o: (Inf|NaN) at o\[b=0, t=0, hv=0, v=0\]' "$KLA" forward --backend $be hugescale.st -o bad.st
+done
+# the algorithm that ran is recorded, not the one asked for
+"$KLA" forward --backend ref --algo auto hand.st -o algo.st >out.txt 2>err.txt
+if gen names algo.st | grep -q 'algo=recurrent'; then ok "OUT records the algorithm that ran (auto -> recurrent)"
+else nok "OUT records the algorithm that ran (auto -> recurrent)"; fi
+"$KLA" forward --backend ref --algo chunk hand.st -o algo.st >out.txt 2>err.txt
+if gen names algo.st | grep -q 'algo=chunk'; then ok "OUT records algo=chunk"; else nok "OUT records algo=chunk"; fi
+
+# ---- where OUT goes: standard output, symlinks, devices and FIFOs are not replaced --------
+"$KLA" forward --backend ref64 hand.st -o ref.st >/dev/null 2>&1
+if "$KLA" forward --backend ref64 hand.st -o - >stdout.st 2>err.txt && cmp -s stdout.st ref.st; then
+    ok "-o - writes the file to standard output"; else nok "-o - writes the file to standard output"; fi
+ln -s target.st link.st
+if "$KLA" forward --backend ref64 hand.st -o link.st >out.txt 2>err.txt && [ -L link.st ] &&
+    cmp -s target.st ref.st; then ok "-o SYMLINK writes the target, the link stays a link"
+else nok "-o SYMLINK writes the target, the link stays a link"; fi
+ln -s sub/deeper.st dangling.st; mkdir sub
+if "$KLA" forward --backend ref64 hand.st -o dangling.st >out.txt 2>err.txt && [ -L dangling.st ] &&
+    cmp -s sub/deeper.st ref.st; then ok "-o to a dangling symlink creates its target"
+else nok "-o to a dangling symlink creates its target"; fi
+if command -v mkfifo >/dev/null && mkfifo fifo; then
+    cat fifo >fifo.out &
+    reader=$!
+    "$KLA" forward --backend ref64 hand.st -o fifo >out.txt 2>err.txt; rc=$?
+    wait $reader
+    if [ $rc -eq 0 ] && [ -p fifo ] && cmp -s fifo.out ref.st; then ok "-o FIFO writes through, the FIFO stays"
+    else nok "-o FIFO writes through, the FIFO stays (rc $rc)"; fi
+fi
+# a character device of our own (root only: never the system's /dev/null)
+if [ "$(id -u)" = 0 ] && mknod nulldev c 1 3 2>/dev/null; then
+    if "$KLA" forward hand.st -o nulldev >out.txt 2>err.txt && [ -c nulldev ]; then
+        ok "-o DEVICE writes through, the device node stays"; else nok "-o DEVICE writes through, the device node stays"; fi
+fi
+mkdir adir
+bad "-o DIRECTORY is refused" 'adir.*directory' "$KLA" forward hand.st -o adir
+chmod 640 ref.st 2>/dev/null
+"$KLA" forward --backend ref64 hand.st -o ref.st >/dev/null 2>&1
+if [ "$(stat -c %a ref.st)" = 640 ]; then ok "replacing a regular file keeps its permissions"
+else nok "replacing a regular file keeps its permissions ($(stat -c %a ref.st))"; fi
+
+# ---- CPU levels: names, validation, the level in effect -----------------------------------
+bad "KLA_CPU_MASK=bogus is refused, named" 'KLA_CPU_MASK=bogus' env KLA_CPU_MASK=bogus "$KLA" forward hand.st -o bad.st
+usage_error "--cpu bogus: exit 2" forward --cpu bogus hand.st -o x.st
+check "--cpu with names (avx2,avx512)" "$KLA" forward --cpu avx2,avx512 hand.st -o cpu.st
+if "$KLA" info | grep -Eq '^ +simd +built, usable'; then
+    if KLA_CPU_MASK=none "$KLA" info | grep -Eq '^ +simd +built, usable: c, '; then
+        ok "info shows the level in effect (KLA_CPU_MASK=none: c)"; else nok "info shows the level in effect (KLA_CPU_MASK=none: c)"; fi
+    if "$KLA" info | grep -q 'cpu features:.*avx2'; then
+        if KLA_CPU_MASK=avx2 "$KLA" info | grep -Eq '^ +simd +built, usable: avx2, '; then
+            ok "KLA_CPU_MASK=avx2 runs the AVX2 kernels (not plain C)"; else nok "KLA_CPU_MASK=avx2 runs the AVX2 kernels (not plain C)"; fi
+    fi
+    if KLA_CPU_MASK=none "$KLA" bench --T 16 --H 1 --K 8 --V 8 --N 1 --reps 1 --op forward --ref-T 8 >out.txt 2>err.txt &&
+        grep -q 'kla bench: simd: c, ' out.txt; then ok "bench header shows the level in effect"
+    else nok "bench header shows the level in effect"; fi
+fi
+check "kla help bench" sh -c "'$KLA' help bench | grep -q 'usage: kla bench'"
+
+# ---- golden check: one loader, every failure counts --------------------------------------
+mkdir gdir gdir2 gdir3
+cp donan.st gdir/x_donan.safetensors
+"$KLA" golden check --dir gdir >out.txt 2>err.txt; rc=$?
+if [ $rc -eq 1 ] && grep -Eq 'forward/recurrent +o +PASS' out.txt && grep -Eq 'backward/recurrent +FAIL.*tensor do: NaN' out.txt; then
+    ok "golden check exits 1 when a run fails although other tensors pass"
+else nok "golden check exits 1 when a run fails although other tensors pass (rc $rc)"; fi
+cp golden_badcu.st gdir2/x_badcu.safetensors
+"$KLA" golden check --dir gdir2 >out.txt 2>err.txt; rc=$?
+if [ $rc -eq 1 ] && grep -q 'cu_seqlens' err.txt; then ok "golden check: a bad cu_seqlens is a clean error"
+else nok "golden check: a bad cu_seqlens is a clean error (rc $rc)"; fi
+cp golden_baddt.st gdir3/x_baddt.safetensors
+"$KLA" golden check --dir gdir3 >out.txt 2>err.txt; rc=$?
+if [ $rc -eq 1 ] && grep -Eq '^x_baddt forward/recurrent +o +FAIL' out.txt; then ok "golden check: an expected tensor of the wrong dtype and shape fails cleanly"
+else nok "golden check: an expected tensor of the wrong dtype and shape fails cleanly (rc $rc)"; fi
+cp badname.st gdir3/y_badname.safetensors
+"$KLA" golden check --dir gdir3 --cases 'y_*' >out.txt 2>err.txt; rc=$?
+if [ $rc -eq 1 ] && grep -q 'initial_state' err.txt; then ok "golden check uses the same loader (unknown names refused)"
+else nok "golden check uses the same loader (unknown names refused) (rc $rc)"; fi
+
+# ---- bench --in: a problem from a file through the same loader ---------------------------
+check "bench --in FILE times forward and backward" sh -c "'$KLA' bench --in grad_kla.st --reps 1 --backend ref | grep -q backward"
+bad "bench --in: a bad file is refused by the loader" 'badname\.st.*initial_state' "$KLA" bench --in badname.st --backend ref
+
 if "$KLA" forward hand.st -o nodir/sub/o.st >out.txt 2>err.txt; then
     nok "output directory missing"
 elif grep -q 'nodir/sub/o.st' err.txt && [ ! -e nodir ]; then ok "output directory missing"
@@ -502,6 +652,7 @@ else nok "OUT = IN is refused"; fi
 # fails it; at 1e-3 it passes. max_abs is 1e-3 at the element.
 gen verify_ref vref.st
 gen verify_one_off vgot.st vref.st
+gen verify_uniform vuni.st vref.st
 gen verify_missing vmiss.st vref.st
 gen verify_shape vshape.st vref.st
 gen verify_nan vnan.st vref.st
@@ -519,6 +670,13 @@ if grep -Eq 'ref 1 +got 1\.001' out.txt; then ok "verify: prints ref and got val
 else nok "verify: prints ref and got values of a FAIL"; fi
 "$KLA" verify vgot.st --against vref.st >out.txt 2>err.txt
 [ $? -eq 1 ] && ok "verify: fails with the default tol for o" || nok "verify: fails with the default tol for o"
+# the error spread evenly (rel_rmse 1.5625e-5, every element inside its bound): only the
+# default rel_rmse tolerance of o (1e-5) fails it, so loosening that default fails this test
+"$KLA" verify vuni.st --against vref.st >out.txt 2>err.txt; rc=$?
+if [ $rc -eq 1 ] && grep -Eq '^o +FAIL +rel_rmse 1\.6e-05' out.txt && ! grep -q 'element.* off by' out.txt; then
+    ok "verify: the default tol of o is 1e-5 (an even 1.56e-5 error fails it)"
+else nok "verify: the default tol of o is 1e-5 (an even 1.56e-5 error fails it; rc $rc)"; fi
+check "verify: the even 1.56e-5 error passes at tol 2e-5" "$KLA" verify vuni.st --against vref.st --tol 2e-5
 # at tol 2e-5 rel_rmse (1.56e-5) passes, but the elementwise bound max(tol, 1e-4) *
 # (|ref| + rms(ref)) = 2e-4 does not hold for the changed element (error 1e-3)
 "$KLA" verify vgot.st --against vref.st --tol 2e-5 >out.txt 2>err.txt; rc=$?

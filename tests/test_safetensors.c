@@ -578,6 +578,12 @@ static void test_malformed(void)
     /* strings and encoding */
     expect_fail("invalid UTF-8 byte", "{\"\xff\":{}}", 0, "UTF-8");
     expect_fail("overlong UTF-8", "{\"\xc0\x80\":{}}", 0, "UTF-8");
+    /* 3- and 4-byte overlong forms: '/' as E0 80 AF and F0 80 80 AF, and the largest
+     * code points each form could hold without being overlong (U+07FF, U+FFFF) */
+    expect_fail("overlong 3-byte UTF-8 ('/')", "{\"\xe0\x80\xaf\":{}}", 0, "UTF-8");
+    expect_fail("overlong 3-byte UTF-8 (U+07FF)", "{\"\xe0\x9f\xbf\":{}}", 0, "UTF-8");
+    expect_fail("overlong 4-byte UTF-8 ('/')", "{\"\xf0\x80\x80\xaf\":{}}", 0, "UTF-8");
+    expect_fail("overlong 4-byte UTF-8 (U+FFFF)", "{\"\xf0\x8f\xbf\xbf\":{}}", 0, "UTF-8");
     expect_fail("UTF-8 encoded surrogate", "{\"\xed\xa0\x80\":{}}", 0, "UTF-8");
     expect_fail("UTF-8 beyond U+10FFFF", "{\"\xf4\x90\x80\x80\":{}}", 0, "UTF-8");
     expect_fail("truncated UTF-8 sequence", "{\"\xe2\x82\":{}}", 0, "UTF-8");
@@ -738,17 +744,39 @@ static void test_write_errors(void)
     expect_write_fail("st_write with a NULL metadata value", "mv.safetensors", ts, 2, mk2, mv2, 2,
                       "NULL");
 
-    /* rename fails: the path is a directory */
+    /* the path is a directory: refused before anything is written */
     {
         char p[128], err[512] = "";
         path_in(p, sizeof p, "adir");
         mkdir(p, 0755);
         int rc = st_write(p, ts, 1, NULL, NULL, 0, err, sizeof err);
         struct stat sb;
-        ok(rc == -1 && strstr(err, "rename failed") && count_temps() == 0 && stat(p, &sb) == 0 &&
+        ok(rc == -1 && strstr(err, "is a directory") && count_temps() == 0 && stat(p, &sb) == 0 &&
                S_ISDIR(sb.st_mode),
-           "a failed rename leaves no temporary", err);
+           "a directory as the path is refused, no temporary left", err);
         rmdir(p);
+    }
+
+    /* a symlink is followed: the target is written, the link stays a link; a device is
+     * written through (not replaced): /dev/full makes the write fail, and stays a device */
+    {
+        char p[128], target[128], err[512] = "";
+        path_in(p, sizeof p, "link.safetensors");
+        path_in(target, sizeof target, "target.safetensors");
+        int made = symlink("target.safetensors", p) == 0;
+        int rc = st_write(p, ts, 1, NULL, NULL, 0, err, sizeof err);
+        struct stat lb, tb;
+        ok(made && rc == 0 && lstat(p, &lb) == 0 && S_ISLNK(lb.st_mode) && stat(target, &tb) == 0 &&
+               S_ISREG(tb.st_mode) && tb.st_size > 8 && count_temps() == 0,
+           "st_write through a symlink writes its target", err);
+        unlink(p);
+        unlink(target);
+        struct stat db;
+        if (stat("/dev/full", &db) == 0 && S_ISCHR(db.st_mode)) {
+            rc = st_write("/dev/full", ts, 1, NULL, NULL, 0, err, sizeof err);
+            ok(rc == -1 && strstr(err, "write failed") && stat("/dev/full", &db) == 0 && S_ISCHR(db.st_mode),
+               "st_write to a device writes through it (/dev/full: the write fails, the node stays)", err);
+        }
     }
 
     /* a failure while writing: the file size limit makes write() fail (EFBIG) */

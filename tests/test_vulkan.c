@@ -125,17 +125,17 @@ static void run_case(KlaContext *vk, KlaContext *ref, const tcase *c)
     KlaOptions opt;
     kla_default_options(&opt);
     opt.mode = c->mode;
-    opt.scale = c->scale;
+    opt.scale = c->scale != 0 ? c->scale : KLA_SCALE_DEFAULT; /* 0 in the table: K^-1/2 */
     opt.l2norm_q = c->l2q, opt.l2norm_k = c->l2k;
     opt.state_layout = c->vk ? KLA_LAYOUT_VK : KLA_LAYOUT_KV;
     opt.chunk_size = c->chunk;
 
-    KlaTensors t = { .q = KLA_F32_IN(q), .k = KLA_F32_IN(k), .v = KLA_F32_IN(v) };
-    if (!c->nog) t.g = KLA_F32_IN(g);
-    if (kla) t.eta = KLA_F32_IN(a);
-    else t.beta = KLA_F32_IN(a);
-    if (c->h0) t.h0 = KLA_F32_IN(h0);
-    if (packed) t.cu_seqlens = c->cu64 ? (KlaIn){ cu, KLA_I64 } : (KlaIn){ cu32, KLA_I32 };
+    KlaTensors t = { .q = KLA_F32_IN(q, nq), .k = KLA_F32_IN(k, nq), .v = KLA_F32_IN(v, nv) };
+    if (!c->nog) t.g = KLA_F32_IN(g, ns);
+    if (kla) t.eta = KLA_F32_IN(a, ns);
+    else t.beta = KLA_F32_IN(a, ns);
+    if (c->h0) t.h0 = KLA_F32_IN(h0, nst);
+    if (packed) t.cu_seqlens = c->cu64 ? KLA_IN(cu, KLA_I64, c->nlen + 1) : KLA_IN(cu32, KLA_I32, c->nlen + 1);
 
     double *ro = calloc(nv, 8), *rht = calloc(nst, 8);
     float *o = calloc(nv, 4), *ht = calloc(nst, 4);
@@ -144,8 +144,8 @@ static void run_case(KlaContext *vk, KlaContext *ref, const tcase *c)
         const char *an = al ? "forward chunk" : "forward recurrent";
         opt.algo = al ? KLA_ALGO_CHUNK : KLA_ALGO_RECURRENT;
         KlaTensors tr = t, tv = t;
-        tr.o = KLA_F64_OUT(ro), tr.ht = KLA_F64_OUT(rht);
-        tv.o = KLA_F32_OUT(o), tv.ht = KLA_F32_OUT(ht);
+        tr.o = KLA_F64_OUT(ro, nv), tr.ht = KLA_F64_OUT(rht, nst);
+        tv.o = KLA_F32_OUT(o, nv), tv.ht = KLA_F32_OUT(ht, nst);
         int r1 = kla_forward(ref, &s, &opt, &tr), r2 = kla_forward(vk, &s, &opt, &tv);
         if (r1 || r2) {
             fprintf(stderr, "# %s\n", kla_error_detail(r2 ? vk : ref));
@@ -170,16 +170,16 @@ static void run_case(KlaContext *vk, KlaContext *ref, const tcase *c)
         const char *nm[6] = { "dq", "dk", "dv", "dg", kla ? "deta" : "dbeta", "dh0" };
         for (int i = 0; i < 6; i++) rd[i] = calloc(sz[i], 8), vd[i] = calloc(sz[i], 4);
         KlaTensors tr = t, tv = t;
-        tr.dout = tv.dout = KLA_F32_IN(dout);
-        if (c->dht) tr.dht = tv.dht = KLA_F32_IN(dht);
-        tr.o = KLA_F64_OUT(ro), tr.ht = KLA_F64_OUT(rht);
-        tv.o = KLA_F32_OUT(o), tv.ht = KLA_F32_OUT(ht);
-        tr.dq = KLA_F64_OUT(rd[0]), tr.dk = KLA_F64_OUT(rd[1]), tr.dv = KLA_F64_OUT(rd[2]);
-        tr.dg = KLA_F64_OUT(rd[3]), tr.dh0 = KLA_F64_OUT(rd[5]);
-        tv.dq = KLA_F32_OUT(vd[0]), tv.dk = KLA_F32_OUT(vd[1]), tv.dv = KLA_F32_OUT(vd[2]);
-        tv.dg = KLA_F32_OUT(vd[3]), tv.dh0 = KLA_F32_OUT(vd[5]);
-        if (kla) tr.deta = KLA_F64_OUT(rd[4]), tv.deta = KLA_F32_OUT(vd[4]);
-        else tr.dbeta = KLA_F64_OUT(rd[4]), tv.dbeta = KLA_F32_OUT(vd[4]);
+        tr.dout = tv.dout = KLA_F32_IN(dout, nv);
+        if (c->dht) tr.dht = tv.dht = KLA_F32_IN(dht, nst);
+        tr.o = KLA_F64_OUT(ro, nv), tr.ht = KLA_F64_OUT(rht, nst);
+        tv.o = KLA_F32_OUT(o, nv), tv.ht = KLA_F32_OUT(ht, nst);
+        tr.dq = KLA_F64_OUT(rd[0], sz[0]), tr.dk = KLA_F64_OUT(rd[1], sz[1]), tr.dv = KLA_F64_OUT(rd[2], sz[2]);
+        tr.dg = KLA_F64_OUT(rd[3], sz[3]), tr.dh0 = KLA_F64_OUT(rd[5], sz[5]);
+        tv.dq = KLA_F32_OUT(vd[0], sz[0]), tv.dk = KLA_F32_OUT(vd[1], sz[1]), tv.dv = KLA_F32_OUT(vd[2], sz[2]);
+        tv.dg = KLA_F32_OUT(vd[3], sz[3]), tv.dh0 = KLA_F32_OUT(vd[5], sz[5]);
+        if (kla) tr.deta = KLA_F64_OUT(rd[4], sz[4]), tv.deta = KLA_F32_OUT(vd[4], sz[4]);
+        else tr.dbeta = KLA_F64_OUT(rd[4], sz[4]), tv.dbeta = KLA_F32_OUT(vd[4], sz[4]);
         int r1 = kla_backward(ref, &s, &opt, &tr), r2 = kla_backward(vk, &s, &opt, &tv);
         if (r1 || r2) {
             fprintf(stderr, "# %s\n", kla_error_detail(r2 ? vk : ref));
@@ -206,14 +206,14 @@ static void run_case(KlaContext *vk, KlaContext *ref, const tcase *c)
         float *sv = malloc(nst * 4);
         double *sr = malloc(nst * 8);
         for (size_t i = 0; i < nst; i++) sv[i] = h0[i], sr[i] = h0[i];
-        KlaTensors td = { .q = KLA_F32_IN(q), .k = KLA_F32_IN(k), .v = KLA_F32_IN(v) };
-        (void)dq_, (void)ds_;
-        if (!c->nog) td.g = KLA_F32_IN(g);
-        if (kla) td.eta = KLA_F32_IN(a);
-        else td.beta = KLA_F32_IN(a);
+        /* the first D tokens' worth of q, k, v, g, eta as the D sequences' tokens */
+        KlaTensors td = { .q = KLA_F32_IN(q, dq_), .k = KLA_F32_IN(k, dq_), .v = KLA_F32_IN(v, dv_) };
+        if (!c->nog) td.g = KLA_F32_IN(g, ds_);
+        if (kla) td.eta = KLA_F32_IN(a, ds_);
+        else td.beta = KLA_F32_IN(a, ds_);
         KlaTensors tr = td, tv = td;
-        tr.o = KLA_F64_OUT(ro), tr.state = KLA_F64_OUT(sr);
-        tv.o = KLA_F32_OUT(o), tv.state = KLA_F32_OUT(sv);
+        tr.o = KLA_F64_OUT(ro, dv_), tr.state = KLA_F64_OUT(sr, nst);
+        tv.o = KLA_F32_OUT(o, dv_), tv.state = KLA_F32_OUT(sv, nst);
         int r = 0;
         /* two steps, so the updated state is read back */
         for (int step = 0; step < 2 && !r; step++)

@@ -63,20 +63,20 @@ static int run_check(KlaContext *vk)
         KlaOptions opt;
         kla_default_options(&opt);
         opt.l2norm_q = 1;
-        KlaTensors t = { .q = KLA_F32_IN(q), .k = KLA_F32_IN(k), .v = KLA_F32_IN(v), .g = KLA_F32_IN(g),
-                         .eta = KLA_F32_IN(eta), .h0 = KLA_F32_IN(h0), .dout = KLA_F32_IN(dout) };
+        KlaTensors t = { .q = KLA_F32_IN(q, nq), .k = KLA_F32_IN(k, nq), .v = KLA_F32_IN(v, nv), .g = KLA_F32_IN(g, ns),
+                         .eta = KLA_F32_IN(eta, ns), .h0 = KLA_F32_IN(h0, nst), .dout = KLA_F32_IN(dout, nv) };
         for (int op = 0; op < 4; op++) { /* forward recurrent, chunk; backward recurrent, chunk */
             KlaTensors tv = t, tr = t;
             opt.algo = op & 1 ? KLA_ALGO_CHUNK : KLA_ALGO_RECURRENT;
-            tv.o = KLA_F32_OUT(out[0]), tv.ht = KLA_F32_OUT(out[1]);
-            tr.o = KLA_F64_OUT(rout[0]), tr.ht = KLA_F64_OUT(rout[1]);
+            tv.o = KLA_F32_OUT(out[0], sz[0]), tv.ht = KLA_F32_OUT(out[1], sz[1]);
+            tr.o = KLA_F64_OUT(rout[0], sz[0]), tr.ht = KLA_F64_OUT(rout[1], sz[1]);
             int nout = 2;
             if (op >= 2) {
                 nout = 8;
-                tv.dq = KLA_F32_OUT(out[2]), tv.dk = KLA_F32_OUT(out[3]), tv.dv = KLA_F32_OUT(out[4]);
-                tv.dg = KLA_F32_OUT(out[5]), tv.deta = KLA_F32_OUT(out[6]), tv.dh0 = KLA_F32_OUT(out[7]);
-                tr.dq = KLA_F64_OUT(rout[2]), tr.dk = KLA_F64_OUT(rout[3]), tr.dv = KLA_F64_OUT(rout[4]);
-                tr.dg = KLA_F64_OUT(rout[5]), tr.deta = KLA_F64_OUT(rout[6]), tr.dh0 = KLA_F64_OUT(rout[7]);
+                tv.dq = KLA_F32_OUT(out[2], sz[2]), tv.dk = KLA_F32_OUT(out[3], sz[3]), tv.dv = KLA_F32_OUT(out[4], sz[4]);
+                tv.dg = KLA_F32_OUT(out[5], sz[5]), tv.deta = KLA_F32_OUT(out[6], sz[6]), tv.dh0 = KLA_F32_OUT(out[7], sz[7]);
+                tr.dq = KLA_F64_OUT(rout[2], sz[2]), tr.dk = KLA_F64_OUT(rout[3], sz[3]), tr.dv = KLA_F64_OUT(rout[4], sz[4]);
+                tr.dg = KLA_F64_OUT(rout[5], sz[5]), tr.deta = KLA_F64_OUT(rout[6], sz[6]), tr.dh0 = KLA_F64_OUT(rout[7], sz[7]);
             } else {
                 tv.dout = tr.dout = (KlaIn){ 0 };
             }
@@ -103,11 +103,12 @@ static int run_check(KlaContext *vk)
             float *st = malloc(nst * 4);
             double *rst = malloc(nst * 8);
             for (size_t i = 0; i < nst; i++) st[i] = h0[i], rst[i] = h0[i];
-            KlaTensors tv = { .q = KLA_F32_IN(q), .k = KLA_F32_IN(k), .v = KLA_F32_IN(v), .g = KLA_F32_IN(g),
-                              .eta = KLA_F32_IN(eta) };
+            /* the first token: [1, H, K], [1, H, V], [1, H] */
+            KlaTensors tv = { .q = KLA_F32_IN(q, H * K), .k = KLA_F32_IN(k, H * K), .v = KLA_F32_IN(v, H * V),
+                              .g = KLA_F32_IN(g, H), .eta = KLA_F32_IN(eta, H) };
             KlaTensors tr = tv;
-            tv.o = KLA_F32_OUT(out[0]), tv.state = KLA_F32_OUT(st);
-            tr.o = KLA_F64_OUT(rout[0]), tr.state = KLA_F64_OUT(rst);
+            tv.o = KLA_F32_OUT(out[0], H * V), tv.state = KLA_F32_OUT(st, nst);
+            tr.o = KLA_F64_OUT(rout[0], H * V), tr.state = KLA_F64_OUT(rst, nst);
             int r = kla_decode(vk, &sd, &opt, &tv) || kla_decode(ref, &sd, &opt, &tr);
             double e1 = r ? INFINITY : rel_rmse(rout[0], out[0], (size_t)(H * V)), e2 = r ? INFINITY : rel_rmse(rst, st, nst);
             fails += !(e1 <= 1e-5) + !(e2 <= 1e-5);

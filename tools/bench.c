@@ -42,7 +42,7 @@
 #include "kla.h"
 
 typedef struct bopt {
-    const char *backend, *op;
+    const char *backend, *op, *in;
     long T, B, H, V, K, N, reps, ref_T, chunk;
     int threads, algo, json;
     unsigned cpu;
@@ -124,11 +124,13 @@ static KlaContext *open_ctx(const char *backend, int threads, unsigned cpu)
 /* the tensors of P for forward (and decode), or with the gradients for backward */
 static KlaTensors tensors(const prob *P, int backward)
 {
-    KlaTensors t = { .q = KLA_F32_IN(P->q), .k = KLA_F32_IN(P->k), .v = KLA_F32_IN(P->v),
-                     .g = KLA_F32_IN(P->g), .eta = KLA_F32_IN(P->eta), .o = KLA_F32_OUT(P->o) };
+    const KlaShape *s = &P->s;
+    const int64_t nq = s->B * s->T * s->H * s->K, nv = s->B * s->T * s->HV * s->V, ns = s->B * s->T * s->HV;
+    KlaTensors t = { .q = KLA_F32_IN(P->q, nq), .k = KLA_F32_IN(P->k, nq), .v = KLA_F32_IN(P->v, nv),
+                     .g = KLA_F32_IN(P->g, ns), .eta = KLA_F32_IN(P->eta, ns), .o = KLA_F32_OUT(P->o, nv) };
     if (backward) {
-        t.dout = KLA_F32_IN(P->dout), t.dq = KLA_F32_OUT(P->dq), t.dk = KLA_F32_OUT(P->dk);
-        t.dv = KLA_F32_OUT(P->dv), t.dg = KLA_F32_OUT(P->dg), t.deta = KLA_F32_OUT(P->deta);
+        t.dout = KLA_F32_IN(P->dout, nv), t.dq = KLA_F32_OUT(P->dq, nq), t.dk = KLA_F32_OUT(P->dk, nq);
+        t.dv = KLA_F32_OUT(P->dv, nv), t.dg = KLA_F32_OUT(P->dg, ns), t.deta = KLA_F32_OUT(P->deta, ns);
     }
     return t;
 }
@@ -159,8 +161,9 @@ static double time_decode(KlaContext *ctx, long N, long H, long K, long V, long 
     float *g = rnd(N * H, -0.1f, 0), *eta = rnd(N * H, 0.2f, 1), *o = rnd(N * H * V, 0, 0);
     KlaShape s = { N, 1, H, H, K, V, N };
     KlaOptions opt = options(KLA_ALGO_AUTO, 64);
-    KlaTensors t = { .q = KLA_F32_IN(q), .k = KLA_F32_IN(k), .v = KLA_F32_IN(v), .g = KLA_F32_IN(g),
-                     .eta = KLA_F32_IN(eta), .o = KLA_F32_OUT(o), .state = KLA_F32_OUT(state) };
+    KlaTensors t = { .q = KLA_F32_IN(q, N * H * K), .k = KLA_F32_IN(k, N * H * K), .v = KLA_F32_IN(v, N * H * V),
+                     .g = KLA_F32_IN(g, N * H), .eta = KLA_F32_IN(eta, N * H), .o = KLA_F32_OUT(o, N * H * V),
+                     .state = KLA_F32_OUT(state, N * H * K * V) };
     double best = INFINITY;
     kla_decode(ctx, &s, &opt, &t); /* warm-up */
     for (long r = 0; r < reps; r++) {
@@ -314,10 +317,16 @@ static gfig gpu_time_op(KlaContext *ctx, prob *P, int op, int algo, long chunk, 
     gfig f = { 0 };
     KlaOptions o = options(algo, chunk);
     KlaTensors t = tensors(P, op == 1);
-    if (op == 2) t.state = KLA_F32_OUT(state);
+    const int64_t nst = P->s.B * P->s.HV * P->s.K * P->s.V;
+    if (op >= 2) {
+        /* decode tensors are [N, ...]: the same buffers, one token each */
+        t.q.numel = t.k.numel = P->s.B * P->s.H * P->s.K, t.v.numel = t.o.numel = P->s.B * P->s.HV * P->s.V;
+        t.g.numel = t.eta.numel = P->s.B * P->s.HV;
+    }
+    if (op == 2) t.state = KLA_F32_OUT(state, nst);
     KlaState *kst = NULL;
     if (op == 3 && (kla_state_new(ctx, P->s.B, P->s.HV, P->s.K, P->s.V, &kst) < 0 ||
-                    kla_state_write(kst, KLA_F32_IN(state), KLA_LAYOUT_KV) < 0)) {
+                    kla_state_write(kst, KLA_F32_IN(state, nst), KLA_LAYOUT_KV) < 0)) {
         fprintf(stderr, "kla bench: %s\n", kla_error_detail(ctx));
         kla_state_free(&kst);
         return f;
@@ -440,22 +449,90 @@ static int bench_gpu(KlaContext *ctx, const bopt *b, int do_fwd, int do_bwd, int
     return fails ? 1 : 0;
 }
 
+/* --in FILE: forward (and backward) on the problem of a file, through the library's loader */
+static int bench_file(KlaContext *ctx, const bopt *b)
+{
+    const int bwd = !strcmp(b->op, "backward") || !strcmp(b->op, "all");
+    KlaFile *f = NULL;
+    KlaProblem P;
+    int rc = 1;
+    float *buf = NULL;
+    if (kla_file_read(b->in, &f) < 0 ||
+        kla_file_problem(f, bwd && kla_file_find(f, "do", NULL) ? KLA_OP_BACKWARD : KLA_OP_FORWARD, &P) < 0) {
+        fprintf(stderr, "kla bench: %s\n", kla_error_detail(NULL));
+        goto done;
+    }
+    const KlaShape *s = &P.shape;
+    const int64_t nq = s->B * s->T * s->H * s->K, nv = s->B * s->T * s->HV * s->V, ns = s->B * s->T * s->HV;
+    const int64_t nst = P.state_numel, tot = nv + nst + (P.t.dout.data ? 2 * nq + nv + 2 * ns + nst : 0);
+    if (!(buf = calloc((size_t)tot, sizeof(float)))) {
+        fprintf(stderr, "kla bench: out of memory\n");
+        goto done;
+    }
+    KlaTensors t = P.t;
+    float *x = buf;
+    t.o = KLA_F32_OUT(x, nv), x += nv;
+    t.ht = KLA_F32_OUT(x, nst), x += nst;
+    P.opt.algo = b->algo, P.opt.chunk_size = (int)b->chunk;
+    char desc[256];
+    printf("kla bench: %s, %s: B=%lld T=%lld H=%lld HV=%lld K=%lld V=%lld N=%lld\n",
+           kla_describe(ctx, desc, sizeof desc), b->in, (long long)s->B, (long long)s->T, (long long)s->H,
+           (long long)s->HV, (long long)s->K, (long long)s->V, (long long)s->N);
+    for (int op = 0; op <= (P.t.dout.data ? 1 : 0); op++) {
+        if (op == 1) {
+            t.dq = KLA_F32_OUT(x, nq), x += nq;
+            t.dk = KLA_F32_OUT(x, nq), x += nq;
+            t.dv = KLA_F32_OUT(x, nv), x += nv;
+            t.dg = KLA_F32_OUT(x, ns), x += ns;
+            if (P.opt.mode == KLA_MODE_KLA) t.deta = KLA_F32_OUT(x, ns);
+            else t.dbeta = KLA_F32_OUT(x, ns);
+            x += ns;
+            if (t.h0.data) t.dh0 = KLA_F32_OUT(x, nst);
+        } else {
+            t.dout = t.dht = (KlaIn){ 0 };
+        }
+        double best = INFINITY;
+        for (long r = -1; r < b->reps; r++) {
+            const double t0 = now();
+            if ((op ? kla_backward(ctx, s, &P.opt, &t) : kla_forward(ctx, s, &P.opt, &t)) < 0) {
+                fprintf(stderr, "kla bench: %s: %s\n", b->in, kla_error_detail(ctx));
+                goto done;
+            }
+            const double dt = now() - t0;
+            if (r >= 0 && dt < best) best = dt;
+        }
+        printf("  %-9s (%s): %9.3f ms  %10.0f tokens/s\n", op ? "backward" : "forward",
+               kla_last_algo(ctx) == KLA_ALGO_CHUNK ? "chunk" : "recurrent", best * 1e3,
+               (double)(s->B * s->T) / best);
+        if (op == 0 && P.t.dout.data) t.dout = P.t.dout, t.dht = P.t.dht;
+    }
+    rc = 0;
+done:
+    free(buf);
+    kla_file_free(&f);
+    return rc;
+}
+
 static int usage(const char *msg)
 {
     if (msg) fprintf(stderr, "kla bench: %s\n", msg);
-    fprintf(stderr,
+    fprintf(msg ? stderr : stdout,
             "usage: kla bench [--backend B] [--T n] [--B n] [--H n] [--K n] [--V n] [--N n]\n"
             "                 [--threads n] [--algo auto|recurrent|chunk] [--chunk C] [--reps n]\n"
             "                 [--cpu MASK] [--ref-T n] [--op all|forward|backward|decode] [--json]\n"
+            "       kla bench --in FILE [--backend B] [--threads n] [--algo A] [--chunk C] [--reps n]\n"
+            "                 [--cpu MASK] [--op forward|backward]\n"
             "  forward/backward on B x T tokens of H heads (K, V), decode of 1 and N sequences.\n"
-            "  --cpu MASK   allowed CPU levels: 1 AVX2+FMA, 2 AVX-512, 4 NEON (0 = plain C)\n"
+            "  --in FILE    time forward (and backward, when FILE has do) on the problem of FILE\n"
+            "  --cpu MASK   allowed CPU levels: a number (1 AVX2+FMA, 2 AVX-512, 4 NEON, 0 plain C)\n"
+            "               or names joined by ',' (avx2, avx512, neon, none)\n"
             "  --ref-T n    T for the ratio to the ref backend (default min(T, 256))\n");
     return 2;
 }
 
 int kla_bench_main(int argc, char **argv)
 {
-    bopt b = { "simd", "all", 4096, 1, 16, 128, 128, 16, 5, 0, 64, 0, KLA_ALGO_AUTO, 0, KLA_CPU_ALL };
+    bopt b = { "simd", "all", NULL, 4096, 1, 16, 128, 128, 16, 5, 0, 64, 0, KLA_ALGO_AUTO, 0, KLA_CPU_ALL };
     if (kla_backend_available("simd") != 1) b.backend = NULL;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -477,8 +554,10 @@ int kla_bench_main(int argc, char **argv)
             b.threads = (int)strtol(v, &end, 10);
             if (*end || b.threads < 0) return usage("bad --threads");
         } else if (!strcmp(a, "--cpu")) {
-            b.cpu = (unsigned)strtoul(v, &end, 0);
-            if (*end) return usage("bad --cpu mask");
+            if (kla_cpu_mask_parse(v, &b.cpu) < 0)
+                return usage("bad --cpu: a number of KLA_CPU_* bits or names (avx2, avx512, neon, none)");
+        } else if (!strcmp(a, "--in")) {
+            b.in = v;
         } else if (!strcmp(a, "--backend")) {
             b.backend = v;
         } else if (!strcmp(a, "--op")) {
@@ -496,6 +575,7 @@ int kla_bench_main(int argc, char **argv)
     const int all = !strcmp(b.op, "all"), do_fwd = all || !strcmp(b.op, "forward");
     const int do_bwd = all || !strcmp(b.op, "backward"), do_dec = all || !strcmp(b.op, "decode");
     if (!all && !do_fwd && !do_bwd && !do_dec) return usage("bad --op");
+    if (b.in && do_dec && !all) return usage("--in FILE times forward and backward, not decode");
     if (!b.ref_T) b.ref_T = b.T < 256 ? b.T : 256;
     int nthreads = b.threads;
 #ifdef _OPENMP
@@ -507,6 +587,11 @@ int kla_bench_main(int argc, char **argv)
     if (gpu) setenv("KLA_VULKAN_PASSES", "12", 0); /* see the top of the file; the user's value stands */
     KlaContext *ctx = open_ctx(b.backend, b.threads, b.cpu);
     if (!ctx) return 1;
+    if (b.in) {
+        const int r = bench_file(ctx, &b);
+        kla_close(&ctx);
+        return r;
+    }
     if (gpu) {
         const int r = bench_gpu(ctx, &b, do_fwd, do_bwd, do_dec);
         kla_close(&ctx);
@@ -576,6 +661,8 @@ int kla_bench_main(int argc, char **argv)
         printf("{\"backend\": \"%s\", \"threads\": %d, \"B\": %ld, \"T\": %ld, \"H\": %ld, \"K\": %ld, "
                "\"V\": %ld, \"N\": %ld, \"chunk\": %ld, \"cpu_mask\": %u",
                bname, nthreads, b.B, b.T, b.H, b.K, b.V, b.N, b.chunk, b.cpu);
+        char desc[256];
+        printf(", \"describe\": \"%s\"", kla_describe(ctx, desc, sizeof desc));
         jnum("sgemm_gflops", sg);
         if (do_fwd) {
             jnum("forward_ms", t_auto * 1e3), jnum("forward_recurrent_ms", t_rec * 1e3);
@@ -597,8 +684,9 @@ int kla_bench_main(int argc, char **argv)
         }
         printf("}\n");
     } else {
-        printf("kla bench: backend %s, %d threads, B=%ld T=%ld H=%ld K=%ld V=%ld, chunk %ld, cpu mask 0x%x\n",
-               bname, nthreads, b.B, b.T, b.H, b.K, b.V, b.chunk, b.cpu);
+        char desc[256];
+        printf("kla bench: %s, B=%ld T=%ld H=%ld K=%ld V=%ld, chunk %ld\n", kla_describe(ctx, desc, sizeof desc),
+               b.B, b.T, b.H, b.K, b.V, b.chunk);
         if (!isnan(sg)) printf("  OpenBLAS sgemm 1024^3:        %8.1f GFLOP/s\n", sg);
         if (do_fwd) {
             printf("  forward (%s):%*s %9.3f ms  %10.0f tokens/s  %7.1f GFLOP/s\n",

@@ -220,7 +220,7 @@ static void breakdown(FILE *out, const char *name, const st_tensor *ref, const s
 }
 
 int verify_tensor(FILE *out, const char *name, const st_tensor *ref, const st_tensor *got,
-                  double tol, int vk)
+                  double tol, double elem, int vk)
 {
     char a[160], b[160];
     if (!ref) {
@@ -277,7 +277,7 @@ int verify_tensor(FILE *out, const char *name, const st_tensor *ref, const st_te
      * off by 0.1% moves rel_rmse by about 1e-3 / sqrt(n)). Each element must be within
      * etol * (|ref| + rms(ref)), etol = max(tol, 1e-4): float32 kernels stay well inside
      * (our float32 reference needs at most 5e-5 on the golden set). */
-    const double etol = tol > VERIFY_ELEM_TOL ? tol : VERIFY_ELEM_TOL;
+    const double etol = elem >= 0 ? elem : tol > VERIFY_ELEM_TOL ? tol : VERIFY_ELEM_TOL;
     int64_t nover = 0, worst_at = 0;
     double worst = 0;
     if (rel && nbad == 0)
@@ -317,6 +317,15 @@ static double pick_tol(const st_file *ref, const char *key, double tol, const ch
     return t >= 0 ? t : verify_default_tol(name);
 }
 
+/* The element bound: bf16 set: REF's elem_bf16, else VERIFY_BF16_ELEM_FACTOR x the
+ * rel_rmse bound; otherwise (-1) max(tol, VERIFY_ELEM_TOL). */
+static double pick_elem(const st_file *ref, int bf16, double tol, double t, const char *name)
+{
+    if (!bf16 || tol >= 0) return -1;
+    double e = verify_meta_tol(ref, "elem_bf16", name);
+    return e >= 0 ? e : VERIFY_BF16_ELEM_FACTOR * t;
+}
+
 static int state_vk(const st_file *f)
 {
     const char *s = st_meta(f, "state_layout");
@@ -328,8 +337,8 @@ int verify_files(FILE *out, const st_file *got, const st_file *ref, const Verify
     int vk = state_vk(ref) || state_vk(got);
     int passed = 0, failed = 0;
     double tol = opt ? opt->tol : -1;
-    const char *key = opt && opt->tol_set && strcmp(opt->tol_set, "bf16") == 0 ? "tol_bf16"
-                                                                               : "tol_float32";
+    const int bf16 = opt && opt->tol_set && strcmp(opt->tol_set, "bf16") == 0;
+    const char *key = bf16 ? "tol_bf16" : "tol_float32";
 
     if (opt && opt->tensors) {
         const char *s = opt->tensors;
@@ -339,8 +348,9 @@ int verify_files(FILE *out, const st_file *got, const st_file *ref, const Verify
             if (len > 0 && len < sizeof name) {
                 memcpy(name, s, len);
                 name[len] = '\0';
-                int ok = verify_tensor(out, name, st_find(ref, name), st_find(got, name),
-                                       pick_tol(ref, key, tol, name), vk);
+                const double t = pick_tol(ref, key, tol, name);
+                int ok = verify_tensor(out, name, st_find(ref, name), st_find(got, name), t,
+                                       pick_elem(ref, bf16, tol, t, name), vk);
                 if (ok) passed++; else failed++;
             } else if (len > 0) {
                 fprintf(out, "%.*s FAIL  name too long\n", (int)len, s);
@@ -358,15 +368,17 @@ int verify_files(FILE *out, const st_file *got, const st_file *ref, const Verify
                 const char *name = output_names[i];
                 const st_tensor *r = st_find(ref, name);
                 if (!r) continue;
-                int ok = verify_tensor(out, name, r, st_find(got, name),
-                                       pick_tol(ref, key, tol, name), vk);
+                const double t = pick_tol(ref, key, tol, name);
+                int ok = verify_tensor(out, name, r, st_find(got, name), t,
+                                       pick_elem(ref, bf16, tol, t, name), vk);
                 if (ok) passed++; else failed++;
             }
         } else {
             for (int i = 0; i < ref->count; i++) {
                 const char *name = ref->tensors[i].name;
-                int ok = verify_tensor(out, name, &ref->tensors[i], st_find(got, name),
-                                       pick_tol(ref, key, tol, name), vk);
+                const double t = pick_tol(ref, key, tol, name);
+                int ok = verify_tensor(out, name, &ref->tensors[i], st_find(got, name), t,
+                                       pick_elem(ref, bf16, tol, t, name), vk);
                 if (ok) passed++; else failed++;
             }
         }

@@ -91,6 +91,15 @@ enum {
     B_W, B_U, B_VN, B_HS, B_GC, B_DCK, NBIND
 };
 
+static const char *bind_name(int b)
+{
+    static const char *const n[NBIND] = {
+        "q", "k", "v", "g", "eta|beta", "h0", "offsets", "o", "ht", "qhat", "khat", "norms", "beta",
+        "checkpoints", "do", "dht", "scratch", "dq partials", "dk partials", "dS partials", "dv", "dq",
+        "dk", "dg", "deta|dbeta", "dh0", "w", "u", "vnew", "chunk states", "gamma", "chunk dstates" };
+    return b >= 0 && b < NBIND ? n[b] : "?";
+}
+
 /* push constants: shaders/common.glsl */
 typedef struct pconst {
     int32_t N, H, HV, total;
@@ -457,7 +466,8 @@ static int buf_ensure(vkctx *c, vbuf *b, VkDeviceSize bytes, int host)
     VkResult r = vkCreateBuffer(c->dev, &bi, NULL, &b->buf);
     if (r != VK_SUCCESS) {
         b->buf = VK_NULL_HANDLE;
-        return KLA_ENOMEM;
+        return kla__fail(kla__current, KLA_ENOMEM, "backend vulkan: vkCreateBuffer of %llu bytes failed (%d)",
+                         (unsigned long long)bytes, (int)r);
     }
     VkMemoryRequirements mr;
     vkGetBufferMemoryRequirements(c->dev, b->buf, &mr);
@@ -474,10 +484,14 @@ static int buf_ensure(vkctx *c, vbuf *b, VkDeviceSize bytes, int host)
     }
     VkMemoryAllocateInfo ai = { .sType = VK_STRUCTURE_TYPE_MEMORY_ALLOCATE_INFO,
                                 .allocationSize = mr.size, .memoryTypeIndex = (uint32_t)type };
-    if (type < 0 || vkAllocateMemory(c->dev, &ai, NULL, &b->mem) != VK_SUCCESS) {
+    VkResult ar = type < 0 ? VK_ERROR_FEATURE_NOT_PRESENT : vkAllocateMemory(c->dev, &ai, NULL, &b->mem);
+    if (ar != VK_SUCCESS) {
         b->mem = VK_NULL_HANDLE;
         buf_free(c, b);
-        return KLA_ENOMEM;
+        return kla__fail(kla__current, KLA_ENOMEM, "backend vulkan: cannot allocate %llu bytes of %s memory (%s)",
+                         (unsigned long long)mr.size, host ? "host-visible" : "device-local",
+                         type < 0 ? "no such memory type" : ar == VK_ERROR_OUT_OF_DEVICE_MEMORY ? "out of device memory"
+                         : ar == VK_ERROR_OUT_OF_HOST_MEMORY ? "out of host memory" : "vkAllocateMemory failed");
     }
     if (vkBindBufferMemory(c->dev, b->buf, b->mem, 0) != VK_SUCCESS ||
         (host && vkMapMemory(c->dev, b->mem, 0, VK_WHOLE_SIZE, 0, &b->map) != VK_SUCCESS)) {
@@ -566,6 +580,13 @@ static VkPipeline get_pipe(vkctx *c, int shader, uint32_t s0, uint32_t s1, uint3
 }
 
 /* ---- context --------------------------------------------------------------------------- */
+
+static void vk_describe(void *state, char *buf, size_t len)
+{
+    const vkctx *c = state;
+    snprintf(buf, len, "%s (%s)%s", c->props.deviceName, type_name(c->props.deviceType),
+             c->direct ? "" : ", staging copies");
+}
 
 static void vk_close(void *state)
 {
@@ -807,7 +828,11 @@ typedef struct call {
 static int need(call *k, int bind, VkDeviceSize bytes)
 {
     vkctx *c = k->c;
-    if (bytes > c->props.limits.maxStorageBufferRange) return KLA_ENOMEM;
+    if (bytes > c->props.limits.maxStorageBufferRange)
+        return kla__fail(kla__current, KLA_ENOMEM,
+                         "backend vulkan: binding %s needs %llu bytes, over the device's "
+                         "maxStorageBufferRange of %u bytes (a smaller T, B or heads per call)",
+                         bind_name(bind), (unsigned long long)bytes, c->props.limits.maxStorageBufferRange);
     int r = buf_ensure(c, &c->b[bind], bytes, c->direct);
     if (!r) c->used[bind] = bytes;
     return r;
@@ -1124,7 +1149,7 @@ static uint32_t cstate_fit(const vkctx *c, int64_t K, int64_t V, uint32_t C, uin
     }
 }
 
-static int vk_forward_impl(vkctx *c, const kla_problem *p, int algo, const float *q,
+static int vk_forward_impl(vkctx *c, const kla_problem *p, int *algo, const float *q,
                            const float *kk, const float *v, const float *g, const float *a,
                            const float *h0, float *o, float *ht, int decode, const vbuf *state)
 {
@@ -1137,9 +1162,10 @@ static int vk_forward_impl(vkctx *c, const kla_problem *p, int algo, const float
     const uint64_t shm_out = 4ull * (cp * (cp + 4) + 32 * (cp + 4) + 16 * (cvb + 4) + cp);
     uint32_t vb = 2, tt = 1;
     const uint32_t swg = cstate_fit(c, p->K, p->V, C, &vb, &tt);
-    const int chunk = !decode && algo != KLA_ALGO_RECURRENT &&
+    const int chunk = !decode && *algo != KLA_ALGO_RECURRENT &&
                       shm_prep <= c->props.limits.maxComputeSharedMemorySize &&
                       shm_out <= c->props.limits.maxComputeSharedMemorySize && swg;
+    *algo = chunk ? KLA_ALGO_CHUNK : KLA_ALGO_RECURRENT;
     plan P;
     int r = make_plan(c, p, 0, chunk ? C : 0, &P);
     if (r) {
@@ -1200,17 +1226,16 @@ out:
     return abandon(&k, r);
 }
 
-static int vk_forward(void *state, const kla_problem *p, int algo, const void *q, const void *k,
-                      const void *v, const void *g, const void *a, const void *h0, void *o, void *ht)
+static int vk_forward(void *state, const kla_problem *p, kla_io *x)
 {
-    return vk_forward_impl(state, p, algo, q, k, v, g, a, h0, o, ht, 0, NULL);
+    return vk_forward_impl(state, p, &x->algo, x->q, x->k, x->v, x->g, x->a, x->h0, x->o, x->ht, 0, NULL);
 }
 
-static int vk_decode(void *state, const kla_problem *p, const void *q, const void *k, const void *v,
-                     const void *g, const void *a, void *S, void *o)
+static int vk_decode(void *state, const kla_problem *p, kla_io *x)
 {
     /* one token per sequence with h0 = ht = the state */
-    return vk_forward_impl(state, p, KLA_ALGO_RECURRENT, q, k, v, g, a, S, o, S, 1, NULL);
+    x->algo = KLA_ALGO_RECURRENT;
+    return vk_forward_impl(state, p, &x->algo, x->q, x->k, x->v, x->g, x->a, x->state, x->o, x->state, 1, NULL);
 }
 
 /* ---- KlaState: decode states kept in a buffer of their own ----------------------------- */
@@ -1293,10 +1318,10 @@ static int vk_state_new(void *state, int64_t bytes, void **h)
     return 0;
 }
 
-static int vk_decode_state(void *state, const kla_problem *p, const void *q, const void *k, const void *v,
-                           const void *g, const void *a, void *h, void *o)
+static int vk_decode_state(void *state, const kla_problem *p, kla_io *x)
 {
-    return vk_forward_impl(state, p, KLA_ALGO_RECURRENT, q, k, v, g, a, NULL, o, NULL, 1, h);
+    x->algo = KLA_ALGO_RECURRENT;
+    return vk_forward_impl(state, p, &x->algo, x->q, x->k, x->v, x->g, x->a, NULL, x->o, NULL, 1, x->state);
 }
 
 /*
@@ -1408,16 +1433,19 @@ out:
     return abandon(&k, r);
 }
 
-static int vk_backward(void *state, const kla_problem *p, int algo, const void *q, const void *kk,
-                       const void *v, const void *g, const void *a, const void *h0, const void *dout,
-                       const void *dht, void *o, void *ht, void *dq, void *dk, void *dv, void *dg,
-                       void *da, void *dh0)
+static int vk_backward(void *state, const kla_problem *p, kla_io *x)
 {
     vkctx *c = state;
-    if (algo != KLA_ALGO_RECURRENT) {
+    const void *q = x->q, *kk = x->k, *v = x->v, *g = x->g, *a = x->a, *h0 = x->h0, *dout = x->dout;
+    const void *dht = x->dht;
+    void *o = x->o, *ht = x->ht, *dq = x->dq, *dk = x->dk, *dv = x->dv, *dg = x->dg, *da = x->da;
+    void *dh0 = x->dh0;
+    if (x->algo != KLA_ALGO_RECURRENT) {
+        x->algo = KLA_ALGO_CHUNK;
         int r = vk_backward_chunk(c, p, q, kk, v, g, a, h0, dout, dht, o, ht, dq, dk, dv, dg, da, dh0);
         if (r != NO_CHUNK_FIT) return r;
     }
+    x->algo = KLA_ALGO_RECURRENT;
     /* BPTT from checkpoints: KLA_ALGO_RECURRENT, or chunk tiles that do not fit */
     plan P;
     int r = make_plan(c, p, 1, 16, &P);
@@ -1509,6 +1537,7 @@ static int vk_gpu_time(void *state, double *ms, const char **names, int max)
 
 const kla_backend kla_backend_vulkan = {
     .name = "vulkan", .real = KLA_F32, .usable = vk_usable, .open = vk_open, .close = vk_close,
+    .describe = vk_describe,
     .forward = vk_forward, .backward = vk_backward, .decode = vk_decode, .gpu_time = vk_gpu_time,
     .state_new = vk_state_new, .state_free = vk_state_free, .state_copy = vk_state_copy,
     .decode_state = vk_decode_state,

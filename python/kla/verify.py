@@ -23,6 +23,7 @@ _ST = ("h0", "ht", "dh0", "dht")
 
 
 ELEM_TOL = 1e-4  # tools/verify.h VERIFY_ELEM_TOL
+BF16_ELEM_FACTOR = 5  # tools/verify.h VERIFY_BF16_ELEM_FACTOR: bf16 element bound without elem_bf16
 
 
 def default_tol(name):
@@ -82,7 +83,7 @@ def _as_f64(x):
     return np.asarray(x)
 
 
-def _tensor(name, ref, got, tol, vk):
+def _tensor(name, ref, got, tol, vk, elem=None):
     """One tensor: (result dict, list of lines) as tools/verify.c verify_tensor."""
     res = {"name": name, "pass": False, "tol": tol, "rel_rmse": None, "max_abs": None,
            "max_at": None, "where": None, "nonfinite": 0, "ref_value": None,
@@ -122,8 +123,9 @@ def _tensor(name, ref, got, tol, vk):
     rel = rms_ref > 0
     err = math.sqrt(sdiff / n) / rms_ref if rel else math.sqrt(sgot / n)
     nbad = int(bad.sum())
-    # elementwise, as tools/verify.c: |got - ref| <= max(tol, 1e-4) * (|ref| + rms(ref))
-    etol = max(tol, ELEM_TOL)
+    # elementwise, as tools/verify.c: |got - ref| <= etol * (|ref| + rms(ref)), etol the
+    # bf16 set's element bound, else max(tol, 1e-4)
+    etol = elem if elem is not None else max(tol, ELEM_TOL)
     nover, worst_at, worst = 0, 0, 0.0
     if rel and nbad == 0:
         q = np.abs(g - r) / (np.abs(r) + rms_ref)
@@ -259,6 +261,13 @@ def compare(outputs, case, tol=None, tensors=None, file=sys.stdout):
     vk = rmeta.get("state_layout") == "vk" or gmeta.get("state_layout") == "vk"
     key = "tol_bf16" if tol == "bf16" else "tol_float32"
 
+    def pick_elem(name, t):
+        """bf16 set: the reference's elem_bf16, else BF16_ELEM_FACTOR x its bound."""
+        if tol != "bf16":
+            return None
+        e = meta_tol(rmeta, "elem_bf16", name)
+        return e if e is not None else BF16_ELEM_FACTOR * t
+
     def pick(name):
         if isinstance(tol, dict):
             if name in tol:
@@ -276,7 +285,8 @@ def compare(outputs, case, tol=None, tensors=None, file=sys.stdout):
         names = list(ref)  # file order (load keeps the header order)
     results, lines, passed, failed = [], [], 0, 0
     for n in names:
-        res, ls = _tensor(n, ref.get(n), got.get(n), pick(n), vk)
+        t = pick(n)
+        res, ls = _tensor(n, ref.get(n), got.get(n), t, vk, pick_elem(n, t))
         results.append(res)
         lines += ls
         if res["pass"]:
