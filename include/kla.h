@@ -168,13 +168,16 @@ typedef struct KlaParams {
     /* "ref" (scalar float32), "ref64" (scalar float64), later "simd", "vulkan";
      * NULL or "auto" picks the fastest usable backend. Default NULL. */
     const char *backend;
-    int threads;            /* worker threads for backends that use them; 0 = all cores */
+    int threads;            /* worker threads for backends that use them; 0 = all cores,
+                             * at most KLA_MAX_THREADS */
     unsigned cpu_mask;      /* CPU feature levels allowed (KLA_CPU_*); default all. The
                              * environment's KLA_CPU_MASK (kla_cpu_mask_parse syntax)
                              * narrows it further (an empty value counts as unset);
                              * kla_open refuses a malformed one. */
     int gpu_device;         /* GPU index for GPU backends; -1 = automatic. Default -1 */
 } KlaParams;
+
+#define KLA_MAX_THREADS 1024
 
 /* CPU feature levels, for KlaParams.cpu_mask and kla_cpu_flags(). */
 #define KLA_CPU_AVX2 (1u << 0)   /* x86-64 AVX2 + FMA, with OS support for AVX state */
@@ -265,6 +268,102 @@ KLA_API int kla_state_read(KlaState *st, KlaOut dst, KlaStateLayout layout);
  * HV, K and V must be those of st. opt->state_layout does not apply. */
 KLA_API int kla_decode_state(KlaContext *ctx, const KlaShape *shape, const KlaOptions *opt,
                              const KlaTensors *t, KlaState *st);
+
+/* ---- the layer, the model and the training step (kla-spec.md section 8) ------------- */
+
+/* The operator inside a mixer layer: KLA (l2norm on q, raw k, beta = eta / (||k||^2 +
+ * 1e-6)) or the Gated DeltaNet baseline (l2norm on q and k, beta = eta). */
+typedef enum KlaMixer { KLA_MIXER_KLA = 0, KLA_MIXER_GDN = 1 } KlaMixer;
+
+typedef struct KlaModelConfig {
+    int64_t vocab;    /* tokens; the embedding is also the head */
+    int64_t d_model;  /* d */
+    int64_t n_layer;  /* blocks */
+    int64_t n_head;   /* H */
+    int64_t d_k, d_v; /* per head */
+    int64_t d_ff;     /* the SwiGLU MLP's width */
+    double norm_eps;  /* every RMSNorm's eps */
+    KlaMixer mixer;
+} KlaModelConfig;
+
+/* The KLA authors' MQAR model: vocab 8192, d 256, 2 blocks, 4 heads, d_k 48, d_v 96,
+ * d_ff 1024, norm_eps 1e-5, mixer KLA. */
+KLA_API void kla_default_model_config(KlaModelConfig *c);
+
+/* AdamW as PyTorch's (decoupled weight decay, bias-corrected moments) after clipping every
+ * gradient by min(1, clip / (||all gradients||_2 + 1e-6)); clip <= 0: no clipping. */
+typedef struct KlaAdamW {
+    double lr, beta1, beta2, eps, weight_decay, clip;
+} KlaAdamW;
+
+/* lr 1e-3, betas (0.9, 0.95), eps 1e-8, weight decay 0.1, clip 1.0 (the authors' MQAR run) */
+KLA_API void kla_default_adamw(KlaAdamW *a);
+
+/* A model (parameters, their gradients and AdamW moments) on ctx's backend: float64 on
+ * ref64, float32 elsewhere (on simd with OpenBLAS matrix products and the head computed
+ * only at labelled rows). It belongs to ctx: free it before closing ctx. New parameters
+ * are zero: set them with kla_model_write or kla_model_init. */
+typedef struct KlaModel KlaModel;
+KLA_API int kla_model_new(KlaContext *ctx, const KlaModelConfig *c, KlaModel **m);
+/* One mixer layer alone (kla-spec.md 8.1): uses d_model, n_head, d_k, d_v, norm_eps and
+ * mixer; its parameters are named attn.* (no layers.{i}. prefix). */
+KLA_API int kla_layer_new(KlaContext *ctx, const KlaModelConfig *c, KlaModel **m);
+KLA_API void kla_model_free(KlaModel **m);
+
+/* The parameters, in a fixed order, with flash-linear-attention's names and PyTorch's
+ * shapes (kla-spec.md 8.3). */
+typedef struct KlaParamInfo {
+    const char *name;
+    int ndim;
+    int64_t shape[3];
+    int64_t numel;
+} KlaParamInfo;
+KLA_API int kla_model_param_count(const KlaModel *m);
+KLA_API int kla_model_param_info(const KlaModel *m, int i, KlaParamInfo *info);
+/* The index of a parameter by name; KLA_EINVAL (with a hint in kla_error_detail) if none. */
+KLA_API int kla_model_param_index(KlaModel *m, const char *name);
+
+/* What kla_model_read / kla_model_write move: a parameter, its gradient (of the last
+ * kla_model_loss with backward, before clipping), or AdamW's first and second moment. */
+typedef enum KlaModelPart { KLA_PART_PARAM = 0, KLA_PART_GRAD = 1, KLA_PART_ADAM_M = 2,
+                            KLA_PART_ADAM_V = 3 } KlaModelPart;
+KLA_API int kla_model_read(KlaModel *m, KlaModelPart part, int i, KlaOut dst);
+/* Values must be finite (and the second moment >= 0). */
+KLA_API int kla_model_write(KlaModel *m, KlaModelPart part, int i, KlaIn src);
+/* AdamW's step count (0: no step taken), for checkpoints. */
+KLA_API int64_t kla_model_steps(const KlaModel *m);
+KLA_API int kla_model_set_steps(KlaModel *m, int64_t steps);
+
+/* The KLA authors' initialisation (notes: layer-and-mqar.md 3.2), from a seed: embedding
+ * N(0, 0.02); Linear U(+-1/sqrt(fan_in)), down_proj that divided by sqrt(2 n_layer); conv
+ * U(+-0.5); A_log = log U(0, 16); dt_bias = softplus^-1(exp U(ln 1e-3, ln 0.1)); b_proj
+ * bias 0; norms 1. */
+KLA_API int kla_model_init(KlaModel *m, uint64_t seed);
+
+/* A batch: token ids and labels [B, T], I32 or I64; label -100 is ignored. */
+typedef struct KlaBatch {
+    int64_t B, T;
+    KlaIn ids, labels;
+} KlaBatch;
+
+typedef struct KlaLoss {
+    double loss;       /* mean cross-entropy over labelled positions */
+    int64_t correct;   /* labelled positions whose argmax is the label */
+    int64_t labelled;
+} KlaLoss;
+
+/* The model's forward and loss; with backward, also every gradient (read them with
+ * KLA_PART_GRAD). A backward needs at least one labelled position. */
+KLA_API int kla_model_loss(KlaModel *m, const KlaBatch *b, int backward, KlaLoss *out);
+/* One optimizer step from the gradients of the last backward: clipping, then AdamW.
+ * grad_norm (may be NULL) gets the global norm before clipping. */
+KLA_API int kla_model_update(KlaModel *m, const KlaAdamW *opt, double *grad_norm);
+
+/* A layer's forward y = mixer(x), x and y [B, T, d]; with dy, also dx and the parameters'
+ * gradients of sum(dy * y) (KLA_PART_GRAD). cu_seqlens (optional, B = 1) packs sequences:
+ * the convolution restarts at each. */
+KLA_API int kla_layer_backward(KlaModel *m, int64_t B, int64_t T, KlaIn x, KlaIn dy, KlaIn cu_seqlens,
+                               KlaOut y, KlaOut dx);
 
 /* ---- problem files (safetensors, kla-spec.md section 4) ---------------------------- */
 

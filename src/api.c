@@ -168,7 +168,11 @@ int kla_open(KlaContext **out, const KlaParams *params)
     KlaParams p;
     if (params) p = *params;
     else kla_default_params(&p);
-    if (p.threads < 0) return open_fail(KLA_EINVAL, "%s", "kla_open: threads < 0");
+    /* more threads than any machine has cores only costs (and OpenMP runtimes crash on
+     * hundreds of thousands) */
+    if (p.threads < 0 || p.threads > KLA_MAX_THREADS)
+        return kla__nofail(KLA_EINVAL, "kla_open: threads = %d, must be in [0, %d] (0: all cores)", p.threads,
+                           KLA_MAX_THREADS);
     const char *env = getenv("KLA_CPU_MASK");
     if (env && *env) {
         unsigned m;

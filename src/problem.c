@@ -36,7 +36,7 @@ int kla_file_read(const char *path, KlaFile **out)
     if (st_read(path, &f->f, err, sizeof err) < 0) {
         free(p);
         free(f);
-        return kla__nofail(strstr(err, "out of memory") ? KLA_ENOMEM : KLA_EINVAL, "%s", err);
+        return kla__nofail(st_last_failed_oom() ? KLA_ENOMEM : KLA_EINVAL, "%s", err);
     }
     f->path = p;
     *out = f;

@@ -273,8 +273,14 @@ static int sfail(jp *p, const char *fmt, ...)
     return -1;
 }
 
+/* set when the last st_parse / st_read of this thread failed for want of memory */
+static _Thread_local int last_oom;
+
+int st_last_failed_oom(void) { return last_oom; }
+
 static int oom(char *err, size_t errlen)
 {
+    last_oom = 1;
     seterr(err, errlen, "out of memory");
     return -1;
 }
@@ -1011,6 +1017,7 @@ static int cmp_tent(const void *a, const void *b)
 
 int st_parse(const uint8_t *buf, size_t len, st_file *out, char *err, size_t errlen)
 {
+    last_oom = 0;
     if (err && errlen)
         err[0] = '\0';
     if (!out) {
@@ -1180,6 +1187,7 @@ const char *st_meta(const st_file *f, const char *key)
 
 int st_read(const char *path, st_file *out, char *err, size_t errlen)
 {
+    last_oom = 0;
     if (err && errlen)
         err[0] = '\0';
     if (out)
@@ -1216,6 +1224,7 @@ int st_read(const char *path, st_file *out, char *err, size_t errlen)
     uint8_t *buf = malloc(cap);
     size_t len = 0;
     if (!buf) {
+        last_oom = 1;
         seterr(err, errlen, "%s: out of memory", path);
         close(fd);
         return -1;
@@ -1225,6 +1234,7 @@ int st_read(const char *path, st_file *out, char *err, size_t errlen)
             size_t ncap = cap > SIZE_MAX / 2 ? SIZE_MAX : cap * 2;
             uint8_t *nb = ncap > cap ? realloc(buf, ncap) : NULL;
             if (!nb) {
+                last_oom = 1;
                 seterr(err, errlen, "%s: out of memory", path);
                 free(buf);
                 close(fd);

@@ -50,6 +50,8 @@ size_t st_dtype_size(st_dtype d);
 int st_parse(const uint8_t *buf, size_t len, st_file *out, char *err, size_t errlen);
 
 /* Read and parse a file. Messages start with the path: "PATH: truncated file ...". */
+/* 1 when the last st_parse / st_read of this thread failed for want of memory. */
+int st_last_failed_oom(void);
 int st_read(const char *path, st_file *out, char *err, size_t errlen);
 
 void st_free(st_file *f);

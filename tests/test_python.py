@@ -6,7 +6,9 @@ libkla (--lib), the comparison with `kla verify` the kla command (--kla).
 """
 
 import argparse
+import ctypes
 import io
+import math
 import os
 import shutil
 import subprocess
@@ -36,6 +38,226 @@ class Wrapped:
 def same_tensors(a, b):
     return set(a) == set(b) and all(a[n].dtype == b[n].dtype and a[n].shape == b[n].shape
                                     and np.array_equal(a[n], b[n]) for n in a)
+
+
+def check_ops(kla, c):
+    """The 0.2 ABI through ctypes: keyword-only arguments, scale, sizes, names."""
+    i = c.inputs
+    try:
+        kla.forward(i["q"], i["k"], i["v"], i["g"], i["eta"])
+        tap(False, "kla.forward(q, k, v, g, eta) positionally is refused")
+    except TypeError as ex:
+        tap(True, f"kla.forward(q, k, v, g, eta) positionally is refused ({ex})")
+    opts = dict(c.options)
+    K = i["q"].shape[-1]
+    base = kla.forward(**i, **dict(opts, scale=None))
+    expl = kla.forward(**i, **dict(opts, scale=1 / math.sqrt(K)))  # as libkla computes it
+    zero = kla.forward(**i, **dict(opts, scale=0.0))
+    tap(np.array_equal(base["o"], expl["o"]) and not np.any(zero["o"])
+        and np.array_equal(zero["ht"], base["ht"]),
+        "scale None = K^-1/2 (NaN to libkla); scale 0 is a literal 0 (o = 0, ht unchanged)")
+    bad = dict(i)
+    bad["k"] = i["k"][:, :, :1]
+    try:
+        kla.forward(**bad, **opts)
+        tap(False, "a k of the wrong shape is refused, naming k")
+    except ValueError as ex:
+        tap("tensor k" in str(ex) and "[2, 100, 2, 32]" in str(ex),
+            f"a k of the wrong shape is refused, naming k ({ex})")
+    bad = dict(i)
+    bad["h0"] = i["h0"][:1]
+    try:
+        kla.forward(**bad, **opts)
+        tap(False, "an h0 of the wrong shape is refused, naming h0")
+    except ValueError as ex:
+        tap("tensor h0" in str(ex), f"an h0 of the wrong shape is refused ({ex})")
+    # the library's own size check (numel), past the Python one
+    lib = kla.library()
+    ops = kla.ops
+    q = np.zeros((1, 50, 1, 16), np.float32)
+    v = np.zeros((1, 50, 1, 8), np.float32)
+    eta = np.ones((1, 50, 1), np.float32)
+    o = np.zeros((1, 50, 1, 8), np.float32)
+    t = ops._Tensors()
+    t.q = ops._In(q.ctypes.data, ops.F32, q.size)
+    t.k = ops._In(q.ctypes.data, ops.F32, q.size // 2)
+    t.v = ops._In(v.ctypes.data, ops.F32, v.size)
+    t.eta = ops._In(eta.ctypes.data, ops.F32, eta.size)
+    t.o = ops._Out(o.ctypes.data, ops.F32, o.size)
+    opt = ops._Options()
+    lib.kla_default_options(ctypes.byref(opt))
+    _, ent = ops._context("ref", 0)
+    r = lib.kla_forward(ent[0], ctypes.byref(ops._Shape(1, 50, 1, 1, 16, 8, 1)),
+                        ctypes.byref(opt), ctypes.byref(t))
+    msg = lib.kla_error_detail(ent[0]).decode()
+    tap(r == -22 and "tensor k" in msg and "800 elements" in msg,
+        f"_In carries numel: libkla refuses a short k ({msg})")
+    tap(isinstance(kla.describe("ref"), str) and kla.last_algo() in ("recurrent", "chunk"),
+        f"kla.describe('ref') = {kla.describe('ref')!r}, kla.last_algo() = {kla.last_algo()!r}")
+
+
+def check_contexts(kla, c):
+    """One context per (backend, threads) and thread, reused; a thread's closed at its
+    end; everything closed at exit."""
+    import gc
+    import threading
+    ops = kla.ops
+    kla.forward(**c.inputs, **c.options, backend="ref")
+    p1 = ops._table().ctx[("ref", 0)][0].value
+    kla.forward(**c.inputs, **c.options, backend="ref")
+    kla.backward(**c.inputs, **c.options, backend="ref")
+    p2 = ops._table().ctx[("ref", 0)][0].value
+    kla.forward(**c.inputs, **c.options, backend="ref", threads=1)
+    keys = set(ops._table().ctx)
+    tap(p1 == p2 and p1 and {("ref", 0), ("ref", 1)} <= keys,
+        "contexts cached per (backend, threads): the same ref context for 3 calls "
+        f"({len(keys)} open in this thread)")
+    seen = {}
+
+    def work():
+        kla.forward(**c.inputs, **c.options, backend="ref")
+        seen["ptr"] = ops._table().ctx[("ref", 0)][0].value
+        seen["tables"] = len(ops._registry)
+    th = threading.Thread(target=work)
+    th.start()
+    th.join()
+    gc.collect()
+    tap(seen.get("ptr") not in (None, p1) and seen["tables"] == len(ops._registry) + 1,
+        "another thread gets its own context, closed when the thread ends")
+    code = ("import sys, threading; sys.path.insert(0, %r); import kla, numpy as np\n"
+            "c = kla.load_case(%r)\n"
+            "kla.forward(**c.inputs, **c.options, backend='ref')\n"
+            "t = threading.Thread(target=lambda: kla.forward(**c.inputs, **c.options), "
+            "daemon=True); t.start(); t.join()\n"
+            "print('done')" % (os.path.dirname(os.path.dirname(kla.__file__)), c.path))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    ok = r.returncode == 0 and r.stdout.strip() == "done" and not r.stderr
+    tap(ok, "contexts closed at exit (atexit) without error", [] if ok else [r.stdout, r.stderr])
+
+
+def check_load(kla, tmp):
+    """kla.load refuses what libkla refuses (the full comparison: test_load_strict.py)."""
+    p = os.path.join(tmp, "x.safetensors")
+    kla.save(p, {"a": np.arange(3, dtype=np.float32)}, {"mode": "kla"})
+    with open(p, "rb") as f:
+        good = f.read()
+    n = int.from_bytes(good[:8], "little")
+    h, data = good[8:8 + n].rstrip(b" "), good[8 + n:]
+    edits = {
+        "a duplicate name": h.replace(b'{"a"', b'{"a":{"dtype":"F32","shape":[0],'
+                                      b'"data_offsets":[0,0]},"a"'),
+        "an overlong UTF-8 form in a name": h.replace(b'"a"', b'"a\xe0\x80\x80"'),
+        "trailing garbage after the header": h + b"x",
+        "NaN in an unknown key": h.replace(b'"dtype"', b'"x":NaN,"dtype"'),
+    }
+    bad = []
+    for name, hdr in edits.items():
+        with open(p, "wb") as f:
+            f.write(len(hdr).to_bytes(8, "little") + hdr + data)
+        try:
+            kla.load(p)
+            bad.append(name + ": accepted")
+        except ValueError as ex:
+            if not str(ex).startswith(p + ": "):
+                bad.append(name + ": message without the path: " + str(ex))
+    tap(not bad, "kla.load refuses %s (messages start with the path)" % ", ".join(edits), bad)
+
+
+def check_no_torch(src):
+    """import kla works without torch; import kla.torch says what is missing."""
+    code = ("import sys; sys.modules['torch'] = None; sys.path.insert(0, %r)\n"
+            "import kla; print('kla ok')\n"
+            "try:\n    import kla.torch\nexcept ImportError as ex:\n    print(ex)\n"
+            % os.path.join(src, "python"))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    ok = r.returncode == 0 and r.stdout.startswith("kla ok") and "PyTorch" in r.stdout
+    tap(ok, "without torch: import kla works, import kla.torch raises ImportError naming "
+        "PyTorch", [] if ok else [r.stdout, r.stderr])
+
+
+def check_install(kla, src, tmp, lib, gdir, case):
+    """pip install --target into a temporary folder; run from outside the repository:
+    without hints the errors name KLA_LIB and KLA_GOLDEN; pkg-config's libdir and
+    goldendir are found; KLA_LIB and KLA_GOLDEN work."""
+    pipsrc = os.path.join(tmp, "pysrc")
+    shutil.copytree(os.path.join(src, "python"), pipsrc,
+                    ignore=shutil.ignore_patterns("__pycache__", "build", "*.egg-info"))
+    target = os.path.join(tmp, "site")
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-build-isolation",
+                        "--no-deps", "--no-index", "--target", target, pipsrc],
+                       capture_output=True, text=True)
+    if r.returncode and "No module named pip" in r.stderr:
+        tap.skip("pip install ./python", "no pip")
+        return
+    tap(r.returncode == 0 and os.path.isfile(os.path.join(target, "kla", "torch.py")),
+        "pip install --no-build-isolation --no-deps --no-index --target TMP ./python",
+        [] if r.returncode == 0 else [r.stdout[-1500:], r.stderr[-1500:]])
+    if r.returncode:
+        return
+    cwd = os.path.join(tmp, "elsewhere")
+    empty = os.path.join(tmp, "empty-pc")
+    os.makedirs(cwd)
+    os.makedirs(empty)
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("KLA_LIB", "KLA_GOLDEN", "LD_LIBRARY_PATH", "PKG_CONFIG_PATH",
+                         "PKG_CONFIG_LIBDIR", "PYTHONPATH")}
+    base.update(PYTHONPATH=target, PKG_CONFIG_PATH=empty, PKG_CONFIG_LIBDIR=empty)
+
+    def run(code, **env):
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              cwd=cwd, env=dict(base, **env))
+
+    probe = ("import kla, sys\nprint(kla.__file__)\n"
+             "try:\n    print('LIB', kla.ops.library_path())\n"
+             "except OSError as ex:\n    print('LIBERR', ex)\n"
+             "try:\n    print('GOLDEN', kla.golden_dir())\n"
+             "except OSError as ex:\n    print('GOLDENERR', ex)\n")
+    r = run(probe)
+    out = r.stdout
+    lines = dict(ln.split(" ", 1) for ln in out.splitlines()[1:] if " " in ln)
+    if "LIB" in lines:
+        tap.skip("no hints: error names KLA_LIB", "a libkla is installed: " + lines["LIB"])
+    else:
+        ok = (r.returncode == 0 and out.startswith(target) and "KLA_LIB" in lines.get("LIBERR", "")
+              and "pkg-config" in out and "find_library" in out)
+        tap(ok, "installed, run elsewhere, no KLA_LIB, no pkg-config hit: OSError naming "
+            "KLA_LIB and where it looked", [out, r.stderr])
+    if "GOLDEN" in lines:
+        tap.skip("no hints: error names KLA_GOLDEN", "golden set installed: " + lines["GOLDEN"])
+    else:
+        ok = "KLA_GOLDEN" in lines.get("GOLDENERR", "") and "goldendir" in out
+        tap(ok, "... and golden_dir() raises FileNotFoundError naming KLA_GOLDEN and where it "
+            "looked", [out, r.stderr])
+    if not lib:
+        tap.skip("installed package with KLA_LIB / pkg-config", "no libkla (--no-lib)")
+        return
+    libp = os.path.abspath(lib)
+    pcdir = os.path.join(tmp, "pc")
+    os.makedirs(pcdir)
+    with open(os.path.join(pcdir, "kla.pc"), "w") as f:
+        f.write("prefix=%s\nlibdir=%s\ngoldendir=%s\n\nName: kla\nDescription: test\n"
+                "Version: 0.2.0\nLibs: -L${libdir} -lkla\n"
+                % (tmp, os.path.dirname(libp), gdir))
+    r = run(probe, PKG_CONFIG_PATH=pcdir)
+    if shutil.which("pkg-config"):
+        want_lib = os.path.join(os.path.dirname(libp), "libkla.so")
+        ok = ("LIB " + want_lib) in r.stdout and ("GOLDEN " + gdir) in r.stdout
+        tap(ok, "pkg-config --variable=libdir / goldendir kla: the library and the golden "
+            "set are found", [] if ok else [r.stdout, r.stderr])
+    else:
+        tap.skip("pkg-config libdir / goldendir", "no pkg-config command")
+    code = ("import kla, numpy as np\nc = kla.load_case(%r)\n"
+            "out = kla.backward(**c.inputs, **c.options, backend='ref')\n"
+            "rep = kla.compare(out, c, file=None)\nprint(rep.ok, len(kla.golden_cases()), "
+            "kla.ops.library_path())" % case.name)
+    r = run(code, KLA_LIB=libp, KLA_GOLDEN=gdir)
+    ok = r.returncode == 0 and r.stdout.split()[:2] == ["True", str(len(kla.golden_cases()))]
+    tap(ok, "installed, run elsewhere with KLA_LIB and KLA_GOLDEN: backward on a case passes",
+        [] if ok else [r.stdout, r.stderr])
+    r = run(probe, KLA_LIB=os.path.join(tmp, "nope.so"))
+    ok = "KLA_LIB=" in r.stdout and "no such file" in r.stdout
+    tap(ok, "KLA_LIB naming a missing file: the error says so", [] if ok else [r.stdout,
+                                                                               r.stderr])
 
 
 def main():
@@ -155,29 +377,12 @@ def main():
                 tap(False, "kla.forward raises KlaError for g > 0")
             except kla.KlaError as ex:
                 tap("g" in str(ex), f"kla.forward raises KlaError for g > 0 ({ex})")
+            check_ops(kla, c)
+            check_contexts(kla, c)
 
-        # pip install offline into a target folder (the source is copied: no build
-        # droppings in the repository)
-        pipsrc = os.path.join(tmp, "pysrc")
-        shutil.copytree(os.path.join(src, "python"), pipsrc,
-                        ignore=shutil.ignore_patterns("__pycache__", "build", "*.egg-info"))
-        target = os.path.join(tmp, "site")
-        r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-build-isolation",
-                            "--no-deps", "--no-index", "--target", target, pipsrc],
-                           capture_output=True, text=True)
-        if r.returncode and "No module named pip" in r.stderr:
-            tap.skip("pip install ./python", "no pip")
-        else:
-            chk = subprocess.run([sys.executable, "-c",
-                                  "import kla, sys; print(kla.__file__); "
-                                  "print(len(kla.golden_cases()))"],
-                                 capture_output=True, text=True,
-                                 env=dict(os.environ, PYTHONPATH=target))
-            ok = (r.returncode == 0 and chk.returncode == 0
-                  and chk.stdout.startswith(target) and int(chk.stdout.split()[-1]) >= 20)
-            tap(ok, "pip install --no-build-isolation --no-deps --no-index ./python works "
-                    "offline; installed package lists the cases (KLA_GOLDEN)",
-                [] if ok else [r.stdout[-1500:], r.stderr[-1500:], chk.stdout, chk.stderr])
+        check_load(kla, tmp)
+        check_no_torch(src)
+        check_install(kla, src, tmp, a.lib if have_lib else None, gdir, c)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return tap.finish()

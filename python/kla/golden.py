@@ -1,7 +1,12 @@
 """The golden cases (golden/MANIFEST.json, docs/golden.md): list and load them.
 
-The folder is $KLA_GOLDEN if set, else the repository's golden/ next to this package
-(python/kla -> ../../golden), else ./golden.
+The folder (golden_dir()): $KLA_GOLDEN if set; else the repository's golden/ when this
+package runs from a kla checkout (python/kla -> ../../golden); else
+`pkg-config --variable=goldendir kla` (an installed kla puts the set in
+<datadir>/kla/golden); else <prefix>/share/kla/golden under the install prefixes
+(this package's, sys.prefix, /usr/local, /usr); else ./golden. When none holds a
+MANIFEST.json, golden_dir() raises FileNotFoundError naming KLA_GOLDEN and listing
+where it looked.
 """
 
 import json
@@ -17,24 +22,57 @@ __all__ = ["golden_dir", "golden_cases", "load_case", "Case", "INPUT_NAMES", "ge
 INPUT_NAMES = ("q", "k", "v", "g", "eta", "beta", "h0", "cu_seqlens", "do", "dht")
 
 
+def _has_manifest(d):
+    return os.path.isfile(os.path.join(d, "MANIFEST.json"))
+
+
 def golden_dir(dir=None):
-    """The golden folder: dir, $KLA_GOLDEN, the repository's golden/, or ./golden."""
+    """The golden folder: dir, $KLA_GOLDEN, the checkout's golden/, pkg-config's
+    goldendir, <prefix>/share/kla/golden, ./golden (the first holding MANIFEST.json).
+    Raises FileNotFoundError naming KLA_GOLDEN when there is none."""
     if dir:
         return os.fspath(dir)
     env = os.environ.get("KLA_GOLDEN")
     if env:
+        if not os.path.isdir(env):
+            raise FileNotFoundError("KLA_GOLDEN=%s: no such folder (set KLA_GOLDEN to the "
+                                    "golden folder, the one holding MANIFEST.json)" % env)
         return env
-    here = os.path.dirname(os.path.abspath(__file__))
-    repo = os.path.normpath(os.path.join(here, "..", "..", "golden"))
-    if os.path.isfile(os.path.join(repo, "MANIFEST.json")):
-        return repo
-    return "golden"
+    from .ops import checkout_root, install_prefixes, pkg_config_variable
+    looked = ["KLA_GOLDEN: not set"]
+    cands = []
+    repo = checkout_root()
+    if repo:
+        cands.append((os.path.join(repo, "golden"), "the repository"))
+    gd, how = pkg_config_variable("goldendir")
+    if gd:
+        cands.append((gd, how))
+    else:
+        looked.append(how)
+    for p in install_prefixes():
+        cands.append((os.path.join(p, "share", "kla", "golden"), "prefix " + p))
+    cands.append((os.path.abspath("golden"), "the current folder"))
+    for d, how in cands:
+        if _has_manifest(d):
+            return d
+        looked.append("%s (%s): %s" % (d, how, "no MANIFEST.json" if os.path.isdir(d)
+                                       else "absent"))
+    raise FileNotFoundError(
+        "golden cases not found: set KLA_GOLDEN to the golden folder (the repository's "
+        "golden/, or <datadir>/kla/golden of an installed kla, as `pkg-config "
+        "--variable=goldendir kla` names it). Looked at: " + "; ".join(looked))
 
 
 def _manifest(dir=None):
-    path = os.path.join(golden_dir(dir), "MANIFEST.json")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    d = golden_dir(dir)
+    path = os.path.join(d, "MANIFEST.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        src = "dir" if dir else "KLA_GOLDEN" if os.environ.get("KLA_GOLDEN") else "golden_dir()"
+        raise FileNotFoundError("%s: no MANIFEST.json (the folder comes from %s; KLA_GOLDEN "
+                                "should name the golden folder)" % (d, src)) from None
 
 
 def golden_cases(dir=None, details=False):

@@ -1,35 +1,66 @@
 """kla.forward / kla.backward: our reference (libkla) on numpy arrays, through ctypes.
 
-libkla is found at $KLA_LIB (the file), else in the repository's build folders
-(build/libkla.so, ...), else by the system's library search. Arrays may be anything
-with __array__ (torch CPU tensors included); results are numpy arrays, float64 for the
-backend ref64 and float32 for the others.
+    out = kla.forward(q, k, v, g=g, eta=eta)            # everything after v by keyword
+    out = kla.backward(**case.inputs, **case.options)   # a golden case, as stored
+
+Arrays may be anything with __array__ (torch CPU tensors included; see kla.torch for
+autograd); results are numpy arrays, float64 for the backend ref64 and float32 for the
+others. Shapes are checked here first, so a wrong one is reported with the tensor's name
+and the shape expected (ValueError); what the library refuses raises KlaError with its
+message (kla_error_detail).
+
+Which libkla: $KLA_LIB (the file, or a folder holding it) when set, and nothing else;
+else the repository's build/ when this package runs from a checkout; else
+`pkg-config --variable=libdir kla`; else the lib folders of the install prefixes
+(this package's, sys.prefix, /usr/local, /usr; lib, lib/<multiarch>, lib64); else
+ctypes.util.find_library("kla"). A library of another ABI version is skipped. When none
+loads, library() raises OSError naming KLA_LIB and listing where it looked.
+
+Contexts: a context (kla_open) is opened once per (backend, threads) and thread, kept
+for the thread's later calls (opening one costs up to seconds on a GPU backend) and
+closed when the thread ends or the interpreter exits. A context serves one call at a
+time, and ctypes releases the GIL during the call: hence one per thread.
 """
 
+import atexit
 import ctypes
 import ctypes.util
 import glob
+import math
 import os
+import subprocess
 import sys
+import sysconfig
+import threading
+import weakref
 
 import numpy as np
 
-__all__ = ["forward", "backward", "library", "KlaError"]
+__all__ = ["forward", "backward", "library", "library_path", "describe", "last_algo",
+           "close_contexts", "KlaError", "ABI_VERSION"]
+
+ABI_VERSION = (0, 2)  # the KlaIn/KlaOut/KlaOptions layout these structures mirror
 
 
 class KlaError(RuntimeError):
-    """A libkla call failed; the message is kla_error_detail()."""
+    """A libkla call failed; the message is kla_error_detail(). .code is the KLA_E* value."""
+
+    def __init__(self, msg, code=None):
+        super().__init__(msg)
+        self.code = code
 
 
 F32, F64, I32, I64 = 0, 1, 2, 3
+EBUSY = -16
+ALGOS = {"auto": 0, "recurrent": 1, "chunk": 2}
 
 
 class _In(ctypes.Structure):
-    _fields_ = [("data", ctypes.c_void_p), ("dtype", ctypes.c_int)]
+    _fields_ = [("data", ctypes.c_void_p), ("dtype", ctypes.c_int), ("numel", ctypes.c_int64)]
 
 
 class _Out(ctypes.Structure):
-    _fields_ = [("data", ctypes.c_void_p), ("dtype", ctypes.c_int)]
+    _fields_ = [("data", ctypes.c_void_p), ("dtype", ctypes.c_int), ("numel", ctypes.c_int64)]
 
 
 class _Shape(ctypes.Structure):
@@ -57,58 +88,320 @@ class _Params(ctypes.Structure):
 
 
 _lib = None
+_lib_path = None
+_lib_lock = threading.Lock()
 _EMPTY = np.zeros(1)  # the address passed for a zero-size (present) tensor
 
+# ----------------------------------------------------------------------------- finding it
 
-def _candidates():
+
+def _ext():
+    return ".dylib" if sys.platform == "darwin" else ".dll" if os.name == "nt" else ".so"
+
+
+def _names():
+    e = _ext()
+    return ("kla.dll", "libkla.dll") if e == ".dll" else ("libkla" + e,)
+
+
+def checkout_root():
+    """The repository root when this package runs from a kla checkout (python/kla), else
+    None."""
+    repo = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+    if os.path.isfile(os.path.join(repo, "include", "kla.h")) and \
+            os.path.isfile(os.path.join(repo, "meson.build")):
+        return repo
+    return None
+
+
+_pc_cache = {}
+
+
+def pkg_config_variable(var):
+    """`pkg-config --variable=VAR kla`: (value or None, what happened, for messages)."""
+    if var in _pc_cache:
+        return _pc_cache[var]
+    try:
+        r = subprocess.run(["pkg-config", "--variable=" + var, "kla"], capture_output=True,
+                           text=True, timeout=20)
+        val = r.stdout.strip()
+        if r.returncode != 0:
+            res = (None, "pkg-config --variable=%s kla: kla.pc not found" % var)
+        elif not val:
+            res = (None, "pkg-config --variable=%s kla: empty" % var)
+        else:
+            res = (val, "pkg-config --variable=%s kla" % var)
+    except (OSError, subprocess.SubprocessError) as ex:
+        res = (None, "pkg-config --variable=%s kla: %s" % (var, ex.__class__.__name__ if not
+                                                           isinstance(ex, FileNotFoundError)
+                                                           else "no pkg-config command"))
+    _pc_cache[var] = res
+    return res
+
+
+def install_prefixes():
+    """Prefixes an installed kla may live under, most specific first: this package's own
+    prefix (<prefix>/lib/pythonX.Y/site-packages/kla), sys.prefix, sys.base_prefix,
+    /usr/local, /usr."""
+    out = []
+    here = os.path.dirname(os.path.abspath(__file__)).split(os.sep)
+    for i in range(len(here) - 1, 0, -1):  # .../PREFIX/lib*/python3*/...-packages/kla
+        if here[i].startswith("python") and i >= 1 and here[i - 1].startswith("lib"):
+            out.append(os.sep.join(here[:i - 1]) or os.sep)
+            break
+    for p in (sys.prefix, getattr(sys, "base_prefix", sys.prefix), "/usr/local", "/usr"):
+        if p and p not in out:
+            out.append(p)
+    return out
+
+
+def _lib_dirs(prefix):
+    multi = sysconfig.get_config_var("MULTIARCH")
+    d = [os.path.join(prefix, "lib")]
+    if multi:
+        d.append(os.path.join(prefix, "lib", multi))
+    d.append(os.path.join(prefix, "lib64"))
+    return d
+
+
+def _in_dir(d):
+    """Library files in folder d: libkla.so, else its versioned names."""
+    out = [os.path.join(d, n) for n in _names()]
+    if _ext() == ".so":
+        out += sorted(glob.glob(os.path.join(d, "libkla.so.*")), key=len)
+    return out
+
+
+def _candidates(notes):
+    """Paths to try, in order; notes collects what each step found, for the error."""
     env = os.environ.get("KLA_LIB")
     if env:
-        yield env
+        yield (_in_dir(env)[0] if os.path.isdir(env) else env), "KLA_LIB"
         return
-    repo = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-    ext = ".dylib" if sys.platform == "darwin" else ".dll" if os.name == "nt" else ".so"
-    yield os.path.join(repo, "build", "libkla" + ext)
-    yield from sorted(glob.glob(os.path.join(repo, "build*", "libkla" + ext)))
+    notes.append("KLA_LIB: not set")
+    repo = checkout_root()
+    if repo:
+        for n in _names():
+            yield os.path.join(repo, "build", n), "the repository's build/"
+        for p in sorted(glob.glob(os.path.join(repo, "build*", _names()[0]))):
+            yield p, "the repository"
+    libdir, how = pkg_config_variable("libdir")
+    if libdir:
+        for p in _in_dir(libdir):
+            yield p, how
+    else:
+        notes.append(how)
+    for prefix in install_prefixes():
+        for d in _lib_dirs(prefix):
+            for p in _in_dir(d):
+                yield p, "prefix " + prefix
     found = ctypes.util.find_library("kla")
     if found:
-        yield found
+        yield found, "ctypes.util.find_library('kla')"
+    else:
+        notes.append("ctypes.util.find_library('kla'): nothing")
+
+
+def _declare(lib):
+    P = ctypes.POINTER
+    c = ctypes
+    lib.kla_version.restype = c.c_char_p
+    lib.kla_version.argtypes = []
+    lib.kla_default_params.argtypes = [P(_Params)]
+    lib.kla_default_options.argtypes = [P(_Options)]
+    lib.kla_open.argtypes = [P(c.c_void_p), P(_Params)]
+    lib.kla_open.restype = c.c_int
+    lib.kla_close.argtypes = [P(c.c_void_p)]
+    lib.kla_close.restype = None
+    lib.kla_error_detail.argtypes = [c.c_void_p]
+    lib.kla_error_detail.restype = c.c_char_p
+    lib.kla_strerror.argtypes = [c.c_int]
+    lib.kla_strerror.restype = c.c_char_p
+    lib.kla_backend_name.argtypes = [c.c_void_p]
+    lib.kla_backend_name.restype = c.c_char_p
+    lib.kla_describe.argtypes = [c.c_void_p, c.c_char_p, c.c_size_t]
+    lib.kla_describe.restype = c.c_char_p
+    lib.kla_last_algo.argtypes = [c.c_void_p]
+    lib.kla_last_algo.restype = c.c_int
+    lib.kla_file_read.argtypes = [c.c_char_p, P(c.c_void_p)]
+    lib.kla_file_read.restype = c.c_int
+    lib.kla_file_free.argtypes = [P(c.c_void_p)]
+    lib.kla_file_free.restype = None
+    lib.kla_file_count.argtypes = [c.c_void_p]
+    lib.kla_file_count.restype = c.c_int
+    lib.kla_file_meta.argtypes = [c.c_void_p, c.c_char_p]
+    lib.kla_file_meta.restype = c.c_char_p
+    for fn in (lib.kla_forward, lib.kla_backward):
+        fn.argtypes = [c.c_void_p, P(_Shape), P(_Options), P(_Tensors)]
+        fn.restype = c.c_int
 
 
 def library():
-    """The loaded libkla (ctypes.CDLL); raises OSError when none is found."""
-    global _lib
+    """The loaded libkla (ctypes.CDLL); raises OSError naming KLA_LIB and the places
+    looked in when none is found."""
+    global _lib, _lib_path
     if _lib is not None:
         return _lib
-    tried = []
-    for path in _candidates():
-        tried.append(path)
-        if os.path.sep in path and not os.path.exists(path):
-            continue
+    with _lib_lock:
+        if _lib is not None:
+            return _lib
+        notes, tried = [], set()
+        for path, how in _candidates(notes):
+            if path in tried:
+                continue
+            tried.add(path)
+            if os.path.sep in path and not os.path.exists(path):
+                if how == "KLA_LIB":
+                    notes.append("KLA_LIB=%s: no such file" % path)
+                elif not how.startswith("prefix") or path.endswith(_names()[0]):
+                    notes.append("%s (%s): absent" % (path, how))
+                continue
+            try:
+                lib = ctypes.CDLL(path)
+            except OSError as ex:
+                notes.append("%s (%s): cannot load: %s" % (path, how, ex))
+                continue
+            if not hasattr(lib, "kla_version") or not hasattr(lib, "kla_file_read"):
+                notes.append("%s (%s): not libkla %d.%d (no kla_file_read)" % ((path, how)
+                                                                               + ABI_VERSION))
+                continue
+            lib.kla_version.restype = ctypes.c_char_p
+            ver = lib.kla_version().decode()
+            if tuple(int(x) for x in ver.split(".")[:2]) != ABI_VERSION:
+                notes.append("%s (%s): version %s, this package needs %d.%d" % ((path, how, ver)
+                                                                               + ABI_VERSION))
+                continue
+            _declare(lib)
+            _lib, _lib_path = lib, path
+            return lib
+        multi = sysconfig.get_config_var("MULTIARCH")
+        example = os.path.join("/usr/local/lib", multi or "", _names()[0])
+        raise OSError(
+            "libkla %d.%d not found: set KLA_LIB to the library file (for example "
+            "KLA_LIB=%s), or build it (meson setup build && ninja -C build) "
+            "or install it so that `pkg-config --variable=libdir kla` names its folder. "
+            "Looked at: %s" % (ABI_VERSION + (example, "; ".join(notes))))
+
+
+def library_path():
+    """The file library() loaded."""
+    library()
+    return _lib_path
+
+
+# ------------------------------------------------------------------------------ contexts
+
+_registry_lock = threading.Lock()
+_registry = weakref.WeakValueDictionary()  # id -> every thread's table, closed at exit
+_exiting = False
+
+
+class _Table:
+    """One thread's contexts: (backend, threads) -> [ctx pointer, busy flag]."""
+
+    def __init__(self):
+        self.pid = os.getpid()
+        self.ctx = {}
+        self.last = None
+        with _registry_lock:
+            _registry[id(self)] = self
+
+    def close(self, only_idle=False):
+        lib = _lib
+        for key, ent in list(self.ctx.items()):
+            if only_idle and ent[1]:
+                continue  # a daemon thread still inside a call: leave it
+            self.ctx.pop(key, None)
+            if lib is not None and ent[0]:
+                lib.kla_close(ctypes.byref(ent[0]))
+        self.last = None
+
+    def __del__(self):  # the thread ended (its threading.local went away)
         try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        P = ctypes.POINTER
-        lib.kla_default_params.argtypes = [P(_Params)]
-        lib.kla_default_options.argtypes = [P(_Options)]
-        lib.kla_open.argtypes = [P(ctypes.c_void_p), P(_Params)]
-        lib.kla_open.restype = ctypes.c_int
-        lib.kla_close.argtypes = [P(ctypes.c_void_p)]
-        lib.kla_error_detail.argtypes = [ctypes.c_void_p]
-        lib.kla_error_detail.restype = ctypes.c_char_p
-        lib.kla_strerror.argtypes = [ctypes.c_int]
-        lib.kla_strerror.restype = ctypes.c_char_p
-        for fn in (lib.kla_forward, lib.kla_backward):
-            fn.argtypes = [ctypes.c_void_p, P(_Shape), P(_Options), P(_Tensors)]
-            fn.restype = ctypes.c_int
-        _lib = lib
-        return lib
-    raise OSError("libkla not found (build it with meson/ninja, or set KLA_LIB to the file); "
-                  "tried: " + ", ".join(tried))
+            with _registry_lock:
+                _registry.pop(id(self), None)
+            if self.pid == os.getpid() and not _exiting:
+                self.close(only_idle=True)
+        except Exception:  # interpreter shutdown
+            pass
 
 
-def _array(x, name, ints=False):
-    """A C-contiguous numpy array: float32 stays float32, other floats become float64."""
+_local = threading.local()
+
+
+def _table():
+    t = getattr(_local, "t", None)
+    if t is None or t.pid != os.getpid():  # new thread, or a forked child: fresh contexts
+        if t is not None:
+            t.ctx = {}  # the parent's contexts are not ours to close
+        t = _Table()
+        _local.t = t
+    return t
+
+
+@atexit.register
+def _close_all():
+    global _exiting
+    _exiting = True
+    with _registry_lock:
+        tables = list(_registry.values())
+    for t in tables:
+        if t.pid == os.getpid():
+            t.close(only_idle=True)
+
+
+def close_contexts():
+    """Close the calling thread's cached contexts (they reopen on the next call)."""
+    t = getattr(_local, "t", None)
+    if t is not None and t.pid == os.getpid():
+        t.close()
+
+
+def _context(backend, threads):
+    """This thread's context for (backend, threads), opened on first use."""
+    lib = library()
+    t = _table()
+    key = (backend or "auto", int(threads))
+    ent = t.ctx.get(key)
+    if ent is None:
+        par = _Params()
+        lib.kla_default_params(ctypes.byref(par))
+        par.backend = backend.encode() if backend else None
+        par.threads = int(threads)
+        ctx = ctypes.c_void_p()
+        r = lib.kla_open(ctypes.byref(ctx), ctypes.byref(par))
+        if r < 0:
+            raise KlaError("backend %r: %s" % (backend, lib.kla_error_detail(None).decode(
+                errors="replace") or lib.kla_strerror(r).decode()), r)
+        ent = t.ctx[key] = [ctx, False]
+    return t, ent
+
+
+def describe(backend="ref64", threads=0):
+    """kla_describe() of the context this thread uses for (backend, threads), e.g.
+    'simd: avx512, 2 threads'."""
+    lib = library()
+    _, ent = _context(backend, threads)
+    buf = ctypes.create_string_buffer(512)
+    return lib.kla_describe(ent[0], buf, len(buf)).decode(errors="replace")
+
+
+def last_algo():
+    """'recurrent' or 'chunk': what the calling thread's last successful forward or
+    backward ran (what algo='auto' chose); None before any."""
+    t = getattr(_local, "t", None)
+    if t is None or t.last is None or t.last[0] is None:
+        return None
+    a = library().kla_last_algo(t.last[0])
+    return {1: "recurrent", 2: "chunk"}.get(a)
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def _array(x, ints=False):
+    """A C-contiguous numpy array: float32 and float64 stay, other floats become float32
+    (bf16, fp16) or float64."""
     if x is None:
         return None
     if hasattr(x, "detach"):  # torch: detach, CPU, widen bf16/fp16
@@ -118,6 +411,8 @@ def _array(x, name, ints=False):
     a = np.asarray(x)
     if ints:
         if a.dtype not in (np.int32, np.int64):
+            if a.dtype.kind not in "iub" and a.size:
+                raise ValueError("tensor cu_seqlens: dtype %s, expected integers" % a.dtype)
             a = a.astype(np.int64)
     elif a.dtype == np.float16:
         a = a.astype(np.float32)
@@ -131,99 +426,168 @@ def _dt(a):
             np.dtype(np.int32): I32, np.dtype(np.int64): I64}[a.dtype.newbyteorder("=")]
 
 
-def _run(backward, q, k, v, g, eta, beta, h0, cu_seqlens, dout, dht, mode, scale, eps,
-         l2norm_q, l2norm_k, state_layout, algo, chunk_size, backend):
-    lib = library()
-    arrs = {"q": _array(q, "q"), "k": _array(k, "k"), "v": _array(v, "v"), "g": _array(g, "g"),
-            "eta": _array(eta, "eta"), "beta": _array(beta, "beta"), "h0": _array(h0, "h0"),
-            "cu_seqlens": _array(cu_seqlens, "cu_seqlens", ints=True),
-            "dout": _array(dout, "do"), "dht": _array(dht, "dht")}
-    qa, va = arrs["q"], arrs["v"]
-    if qa.ndim != 4 or va.ndim != 4:
-        raise ValueError("q, k must be [B, T, H, K] and v [B, T, HV, V]")
-    B, T, H, K = qa.shape
-    HV, V = va.shape[2], va.shape[3]
-    cu = arrs["cu_seqlens"]
-    N = cu.size - 1 if cu is not None else B
-    if mode is None:
-        mode = "kla" if eta is not None else "gdn"
-    if mode not in ("kla", "gdn"):
-        raise ValueError(f"mode {mode!r}: expected 'kla' or 'gdn'")
-    if state_layout not in ("kv", "vk"):
-        raise ValueError(f"state_layout {state_layout!r}: expected 'kv' or 'vk'")
-    algos = {"auto": 0, "recurrent": 1, "chunk": 2}
-    if algo not in algos:
-        raise ValueError(f"algo {algo!r}: expected auto, recurrent or chunk")
+def _fmt(shape):
+    return "[" + ", ".join(str(int(s)) for s in shape) + "]"
 
+
+def _check_shapes(arrs, vk, names):
+    """Shapes of kla-spec.md section 2, named for the caller (names: spec name -> the
+    caller's name for it, e.g. h0 -> initial_state). Returns B, T, H, HV, K, V, N."""
+    nm = lambda n: names.get(n, n)  # noqa: E731
+
+    def bad(n, a, dims, want):
+        raise ValueError("tensor %s: shape %s, expected %s = %s" % (nm(n), _fmt(a.shape), dims,
+                                                                    _fmt(want)))
+
+    q, k, v = arrs["q"], arrs["k"], arrs["v"]
+    for n, a in (("q", q), ("k", k), ("v", v)):
+        if a is None:
+            raise ValueError("tensor %s is required" % nm(n))
+    if q.ndim != 4:
+        raise ValueError("tensor %s: shape %s, expected 4 dimensions [B, T, H, K]"
+                         % (nm("q"), _fmt(q.shape)))
+    B, T, H, K = q.shape
+    if k.shape != q.shape:
+        bad("k", k, "[B, T, H, K] (as %s)" % nm("q"), q.shape)
+    if v.ndim != 4 or v.shape[:2] != (B, T):
+        raise ValueError("tensor %s: shape %s, expected [B, T, HV, V] with B, T = %d, %d (as %s)"
+                         % (nm("v"), _fmt(v.shape), B, T, nm("q")))
+    HV, V = v.shape[2], v.shape[3]
+    if H < 1 or HV % H:
+        raise ValueError("tensor %s: HV = %d value heads is not a multiple of H = %d key heads "
+                         "(of %s)" % (nm("v"), HV, H, nm("q")))
+    for n in ("g", "eta", "beta"):
+        a = arrs.get(n)
+        if a is not None and a.shape != (B, T, HV):
+            bad(n, a, "[B, T, HV]", (B, T, HV))
+    cu = arrs.get("cu_seqlens")
+    if cu is not None:
+        if cu.ndim != 1 or cu.size < 2:
+            raise ValueError("tensor %s: shape %s, expected [N + 1] with N >= 1 sequences"
+                             % (nm("cu_seqlens"), _fmt(cu.shape)))
+        if B != 1:
+            raise ValueError("tensor %s: variable-length packing needs B = 1, %s has B = %d"
+                             % (nm("cu_seqlens"), nm("q"), B))
+        N = cu.size - 1
+    else:
+        N = B
+    st = (N, HV, V, K) if vk else (N, HV, K, V)
+    sdims = "[N, HV, V, K]" if vk else "[N, HV, K, V]"
+    for n in ("h0", "dht"):
+        a = arrs.get(n)
+        if a is not None and a.shape != st:
+            bad(n, a, sdims, st)
+    d = arrs.get("dout")
+    if d is not None and d.shape != v.shape:
+        bad("dout", d, "[B, T, HV, V] (as %s)" % nm("v"), v.shape)
+    return B, T, H, HV, K, V, N
+
+
+def run(backward, arrays, mode=None, scale=None, eps=1e-6, l2norm_q=False, l2norm_k=False,
+        state_layout="kv", algo="auto", chunk_size=64, backend="ref64", threads=0,
+        names=None, want=None):
+    """The call behind forward/backward (and kla.torch): arrays maps spec names (q k v g
+    eta beta h0 cu_seqlens dout dht) to arrays or None. want: the optional outputs to
+    compute among ht, dg, dh0 (default all). Returns a dict of numpy arrays."""
+    names = names or {}
+    arrs = {n: _array(arrays.get(n), ints=(n == "cu_seqlens")) for n in _IN_NAMES}
+    if not backward:
+        arrs["dout"] = arrs["dht"] = None
+    if mode is None:
+        mode = "kla" if arrs["eta"] is not None else "gdn"
+    if mode not in ("kla", "gdn"):
+        raise ValueError("mode %r: expected 'kla' or 'gdn'" % (mode,))
+    if state_layout not in ("kv", "vk"):
+        raise ValueError("state_layout %r: expected 'kv' or 'vk'" % (state_layout,))
+    if algo not in ALGOS:
+        raise ValueError("algo %r: expected auto, recurrent or chunk" % (algo,))
+    if backward and arrs["dout"] is None:
+        raise ValueError("backward needs %s (the gradient of o)" % names.get("dout", "dout"))
+    B, T, H, HV, K, V, N = _check_shapes(arrs, state_layout == "vk", names)
+
+    lib = library()
     opt = _Options()
     lib.kla_default_options(ctypes.byref(opt))
     opt.mode = 0 if mode == "kla" else 1
-    opt.scale = 0.0 if scale is None else float(scale)
+    opt.scale = math.nan if scale is None else float(scale)  # NaN: K^-1/2
     opt.eps = float(eps)
     opt.l2norm_q, opt.l2norm_k = int(bool(l2norm_q)), int(bool(l2norm_k))
     opt.state_layout = 0 if state_layout == "kv" else 1
-    opt.algo, opt.chunk_size = algos[algo], int(chunk_size)
+    opt.algo, opt.chunk_size = ALGOS[algo], int(chunk_size)
     shape = _Shape(B, T, H, HV, K, V, N)
 
-    par = _Params()
-    lib.kla_default_params(ctypes.byref(par))
-    par.backend = backend.encode() if backend else None
-    ctx = ctypes.c_void_p()
-    r = lib.kla_open(ctypes.byref(ctx), ctypes.byref(par))
-    if r < 0:
-        raise KlaError(f"backend {backend!r}: {lib.kla_strerror(r).decode()}")
+    odt = np.float64 if backend == "ref64" else np.float32
+    sshape = (N, HV, K, V) if state_layout == "kv" else (N, HV, V, K)
+    outs = {"o": np.zeros((B, T, HV, V), odt), "ht": np.zeros(sshape, odt)}
+    if backward:
+        outs.update(dq=np.zeros((B, T, H, K), odt), dk=np.zeros((B, T, H, K), odt),
+                    dv=np.zeros((B, T, HV, V), odt), dg=np.zeros((B, T, HV), odt))
+        outs["deta" if mode == "kla" else "dbeta"] = np.zeros((B, T, HV), odt)
+        if arrs["h0"] is not None:
+            outs["dh0"] = np.zeros(sshape, odt)
+    if want is not None:  # the optional outputs ht, dg, dh0 only when wanted
+        outs = {n: a for n, a in outs.items() if n in want or n not in ("ht", "dg", "dh0")}
+    t = _Tensors()
+    for n, a in arrs.items():
+        if a is not None:
+            # a zero-size tensor is present, not absent: never pass NULL for it
+            setattr(t, n, _In(a.ctypes.data or _EMPTY.ctypes.data, _dt(a), a.size))
+    for n, a in outs.items():
+        setattr(t, n, _Out(a.ctypes.data or _EMPTY.ctypes.data, _dt(a), a.size))
+
+    table, ent = _context(backend, threads)
+    fn = lib.kla_backward if backward else lib.kla_forward
+    ent[1] = True
     try:
-        odt = np.float64 if backend == "ref64" else np.float32
-        sshape = (N, HV, K, V) if state_layout == "kv" else (N, HV, V, K)
-        outs = {"o": np.zeros((B, T, HV, V), odt), "ht": np.zeros(sshape, odt)}
-        if backward:
-            outs.update(dq=np.zeros((B, T, H, K), odt), dk=np.zeros((B, T, H, K), odt),
-                        dv=np.zeros((B, T, HV, V), odt), dg=np.zeros((B, T, HV), odt))
-            outs["deta" if mode == "kla" else "dbeta"] = np.zeros((B, T, HV), odt)
-            if h0 is not None:
-                outs["dh0"] = np.zeros(sshape, odt)
-        t = _Tensors()
-        for n, a in arrs.items():
-            if a is not None and (backward or n not in ("dout", "dht")):
-                # a zero-size tensor is present, not absent: never pass NULL for it
-                setattr(t, n, _In(a.ctypes.data or _EMPTY.ctypes.data, _dt(a)))
-        for n, a in outs.items():
-            setattr(t, n, _Out(a.ctypes.data, _dt(a)))
-        fn = lib.kla_backward if backward else lib.kla_forward
-        r = fn(ctx, ctypes.byref(shape), ctypes.byref(opt), ctypes.byref(t))
-        if r < 0:
-            raise KlaError(lib.kla_error_detail(ctx).decode())
-        return outs
+        r = fn(ent[0], ctypes.byref(shape), ctypes.byref(opt), ctypes.byref(t))
     finally:
-        lib.kla_close(ctypes.byref(ctx))
+        ent[1] = False
+    if r < 0:
+        msg = lib.kla_error_detail(ent[0]).decode(errors="replace")
+        for spec, mine in names.items():  # the caller's names in the library's message
+            msg = msg.replace("tensor %s:" % spec, "tensor %s:" % mine)
+        raise KlaError(msg, r)
+    table.last = ent
+    return outs
 
 
-def forward(q, k, v, g=None, eta=None, beta=None, h0=None, cu_seqlens=None, mode=None,
+def forward(q, k, v, *, g=None, eta=None, beta=None, h0=None, cu_seqlens=None, mode=None,
             scale=None, eps=1e-6, l2norm_q=False, l2norm_k=False, state_layout="kv",
-            algo="auto", chunk_size=64, backend="ref64", **extra):
+            algo="auto", chunk_size=64, backend="ref64", threads=0, **extra):
     """Runs the operator. Returns {'o': [B,T,HV,V], 'ht': [N,HV,K,V] (or [N,HV,V,K])}.
-    Shapes and options as in kla-spec.md; scale None means K^-1/2; mode None means kla if
-    eta is given, else gdn. Extra keyword inputs 'do'/'dht' (as in case.inputs) are
-    ignored, so kla.forward(**case.inputs, **case.options) works."""
+
+    Everything after v is keyword-only (kla.forward(q, k, v, g=g, eta=eta)): a positional
+    call cannot silently take beta for eta. Shapes and options as in kla-spec.md; scale
+    None means K^-1/2 (any number, 0 included, is used as given); mode None means kla if
+    eta is given, else gdn. algo: auto, recurrent or chunk; backend: ref64 (float64,
+    default), ref (float32), simd, vulkan, auto; threads: worker threads (0: all cores).
+    Keyword inputs 'do'/'dht' (as in case.inputs) are ignored, so
+    kla.forward(**case.inputs, **case.options) works."""
     extra.pop("do", None)
     extra.pop("dht", None)
     if extra:
-        raise TypeError(f"unexpected arguments: {', '.join(extra)}")
-    return _run(False, q, k, v, g, eta, beta, h0, cu_seqlens, None, None, mode, scale, eps,
-                l2norm_q, l2norm_k, state_layout, algo, chunk_size, backend)
+        raise TypeError("forward() got unexpected keyword arguments: %s" % ", ".join(extra))
+    return run(False, dict(q=q, k=k, v=v, g=g, eta=eta, beta=beta, h0=h0,
+                           cu_seqlens=cu_seqlens), mode=mode, scale=scale, eps=eps,
+               l2norm_q=l2norm_q, l2norm_k=l2norm_k, state_layout=state_layout, algo=algo,
+               chunk_size=chunk_size, backend=backend, threads=threads)
 
 
-def backward(q, k, v, g=None, eta=None, beta=None, h0=None, cu_seqlens=None, dout=None,
+def backward(q, k, v, *, g=None, eta=None, beta=None, h0=None, cu_seqlens=None, dout=None,
              dht=None, mode=None, scale=None, eps=1e-6, l2norm_q=False, l2norm_k=False,
-             state_layout="kv", algo="auto", chunk_size=64, backend="ref64", **extra):
-    """Gradients of L = sum(do * o) + sum(dht * ht). The upstream gradient of o is `dout`
-    (or keyword 'do', as stored in golden files: kla.backward(**case.inputs,
-    **case.options)). Returns o, ht, dq, dk, dv, dg, deta|dbeta and dh0 (when h0 given)."""
+             state_layout="kv", algo="auto", chunk_size=64, backend="ref64", threads=0,
+             **extra):
+    """Gradients of L = sum(dout * o) + sum(dht * ht). The upstream gradient of o is
+    `dout` (or keyword 'do', as stored in golden files: kla.backward(**case.inputs,
+    **case.options)). Everything after v is keyword-only. Returns o, ht, dq, dk, dv, dg,
+    deta|dbeta and dh0 (when h0 is given); options as in forward()."""
     if "do" in extra:
+        if dout is not None:
+            raise TypeError("backward() got both dout and do")
         dout = extra.pop("do")
     if extra:
-        raise TypeError(f"unexpected arguments: {', '.join(extra)}")
-    if dout is None:
-        raise ValueError("backward needs dout (the gradient of o)")
-    return _run(True, q, k, v, g, eta, beta, h0, cu_seqlens, dout, dht, mode, scale, eps,
-                l2norm_q, l2norm_k, state_layout, algo, chunk_size, backend)
+        raise TypeError("backward() got unexpected keyword arguments: %s" % ", ".join(extra))
+    return run(True, dict(q=q, k=k, v=v, g=g, eta=eta, beta=beta, h0=h0,
+                          cu_seqlens=cu_seqlens, dout=dout, dht=dht), mode=mode, scale=scale,
+               eps=eps, l2norm_q=l2norm_q, l2norm_k=l2norm_k, state_layout=state_layout,
+               algo=algo, chunk_size=chunk_size, backend=backend, threads=threads)
