@@ -19,6 +19,7 @@
 #include "kla.h"
 #include "safetensors.h"
 #include "bench.h"
+#include "train.h"
 #include "verify.h"
 
 enum { CMD_FORWARD, CMD_BACKWARD, CMD_DECODE, CMD_VERIFY, CMD_INFO };
@@ -94,6 +95,8 @@ static void usage_main(FILE *f)
             "  info       version, backends, CPU features\n"
             "  golden     generate or check the golden vectors (kla golden --help)\n"
             "  bench      throughput of forward, backward, decode (kla bench --help)\n"
+            "  layer      kla layer backward IN -o OUT: a KLA layer's output and gradients\n"
+            "  model      kla model step IN -o OUT: one training step of the model\n"
             "  help [COMMAND], --help, --version\n"
             "'kla COMMAND --help' describes a command.\n");
 }
@@ -671,6 +674,8 @@ int main(int argc, char **argv)
     }
     if (strcmp(a, "golden") == 0) return golden_main(argc - 1, argv + 1);
     if (strcmp(a, "bench") == 0) return kla_bench_main(argc - 1, argv + 1);
+    if (strcmp(a, "layer") == 0) return layer_main(argc - 1, argv + 1);
+    if (strcmp(a, "model") == 0) return model_main(argc - 1, argv + 1);
     if (strcmp(a, "help") == 0) {
         if (argc >= 3 && strcmp(argv[2], "golden") == 0) {
             char *h[] = { argv[2], (char *)"--help", NULL };
@@ -679,6 +684,10 @@ int main(int argc, char **argv)
         if (argc >= 3 && strcmp(argv[2], "bench") == 0) {
             char *h[] = { argv[2], (char *)"--help", NULL };
             return kla_bench_main(2, h);
+        }
+        if (argc >= 3 && (strcmp(argv[2], "layer") == 0 || strcmp(argv[2], "model") == 0)) {
+            char *h[] = { argv[2], (char *)"--help", NULL };
+            return strcmp(argv[2], "layer") == 0 ? layer_main(2, h) : model_main(2, h);
         }
         if (argc < 3) {
             usage_main(stdout);

@@ -15,14 +15,15 @@ typedef struct VerifyOptions {
     const char *tol_set; /* "float32" (NULL) or "bf16": REF metadata key tol_<set> */
 } VerifyOptions;
 
-/* 1e-5 for o, ht and non-gradient names; 1e-4 for gradients (dq dk dv dg deta dbeta dh0). */
+/* 1e-5 for o, ht and non-gradient names; 1e-4 for gradients (dq dk dv dg deta dbeta dh0,
+ * dx and grad.*). */
 double verify_default_tol(const char *name);
 
 /* The tolerance for tensor `name` in REF's metadata key `key` (golden cases carry
  * tol_float32 and tol_bf16 as "o=1e-05,ht=1e-05,dq=0.0001,..."); -1 if absent. */
 double verify_meta_tol(const st_file *ref, const char *key, const char *name);
 
-/* 1 if name is an output name (o ht dq dk dv dg deta dbeta dh0). */
+/* 1 if name is an output name (o ht dq dk dv dg deta dbeta dh0; y dx loss grad.* new.*). */
 int verify_is_output_name(const char *name);
 
 /* Writes "name[b=0, t=3, hv=1, v=2]" (dimension names by tensor name, see kla-spec.md

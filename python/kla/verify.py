@@ -26,9 +26,14 @@ ELEM_TOL = 1e-4  # tools/verify.h VERIFY_ELEM_TOL
 BF16_ELEM_FACTOR = 5  # tools/verify.h VERIFY_BF16_ELEM_FACTOR: bf16 element bound without elem_bf16
 
 
+def is_output_name(name):
+    """The operator's outputs, and the layer's and training step's (kla-spec.md 8.3)."""
+    return name in OUTPUT_NAMES or name in ("y", "dx", "loss") or name.startswith(("grad.", "new."))
+
+
 def default_tol(name):
-    """kla verify's defaults: 1e-4 for gradients, 1e-5 for o, ht and anything else."""
-    return 1e-4 if name in OUTPUT_NAMES and name.startswith("d") else 1e-5
+    """kla verify's defaults: 1e-4 for gradients (d*, dx, grad.*), 1e-5 for the rest."""
+    return 1e-4 if is_output_name(name) and name.startswith(("d", "grad.")) else 1e-5
 
 
 def meta_tol(meta, key, name):
@@ -279,8 +284,8 @@ def compare(outputs, case, tol=None, tensors=None, file=sys.stdout):
 
     if tensors is not None:
         names = [n for n in (tensors.split(",") if isinstance(tensors, str) else tensors) if n]
-    elif any(n in ref for n in OUTPUT_NAMES):
-        names = [n for n in OUTPUT_NAMES if n in ref]
+    elif any(is_output_name(n) for n in ref):
+        names = [n for n in ref if is_output_name(n)]  # in the reference's order
     else:
         names = list(ref)  # file order (load keeps the header order)
     results, lines, passed, failed = [], [], 0, 0
