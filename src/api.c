@@ -770,6 +770,30 @@ static int leave(KlaContext *ctx, int r)
     return r;
 }
 
+/* A log decay below G_FLOOR acts as G_FLOOR: exp of either is 0 in float64 (and float32),
+ * so the result is the same, but the chunkwise algorithms' cumulative sums of g stay
+ * finite (two -3.4e38 make -inf, and -inf - -inf a NaN). The caller's g is not changed:
+ * a copy is floored when needed. */
+#define G_FLOOR (-1e4)
+static int floor_g(buf *b, KlaIn in, int64_t n, KlaDtype R)
+{
+    if (!b->ptr) return 0;
+    int64_t i = 0;
+    for (; i < n; i++)
+        if ((R == KLA_F32 ? ((const float *)b->ptr)[i] : ((const double *)b->ptr)[i]) < G_FLOOR) break;
+    if (i == n) return 0;
+    if (!b->owned) {
+        if (!(b->owned = malloc((size_t)n * dsize(R)))) return KLA_ENOMEM;
+        convert(in.data, in.dtype, b->owned, R, n);
+        b->ptr = b->owned;
+    }
+    for (; i < n; i++) {
+        if (R == KLA_F32 && ((float *)b->owned)[i] < G_FLOOR) ((float *)b->owned)[i] = (float)G_FLOOR;
+        if (R == KLA_F64 && ((double *)b->owned)[i] < G_FLOOR) ((double *)b->owned)[i] = G_FLOOR;
+    }
+    return 0;
+}
+
 static int run_checked(KlaContext *ctx, const KlaShape *shape, const KlaOptions *opt,
                        const KlaTensors *t, op_kind op, KlaState *kst)
 {
@@ -799,6 +823,7 @@ static int run_checked(KlaContext *ctx, const KlaShape *shape, const KlaOptions 
     buf bi[NIN] = { { 0 } }, bo[NOUT] = { { 0 } };
 
     for (int i = 0; i < NIN && !r; i++) r = in_buf(ins[i], si[i].n, R, &z, si[i].vk, &bi[i]);
+    if (!r) r = floor_g(&bi[I_G], ins[I_G], si[I_G].n, R);
     for (int i = 0; i < NOUT && !r; i++) r = out_buf(outs[i], so[i].n, R, so[i].vk, &bo[i]);
     /* the decode state is read as well as written */
     if (!r && op == OP_DECODE && bo[O_STATE].owned) {

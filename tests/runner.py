@@ -53,6 +53,19 @@ def count_tap(stage, test, out, rc):
     print(f"[{stage}] {test}: {n_ok} ok, {len(bad)} not ok, exit {rc}", flush=True)
 
 
+def preload_sanitizers(env):
+    """A Python test loading a sanitized libkla through ctypes: the interpreter is not
+    built with ASan, so its runtime (and UBSan's) must be preloaded first; Python's own
+    allocations at exit are not leaks of ours."""
+    libs = []
+    for lib in ("libasan.so", "libubsan.so"):
+        p = subprocess.run(["gcc", "-print-file-name=" + lib], capture_output=True, text=True)
+        if p.returncode == 0 and os.path.isabs(p.stdout.strip()):
+            libs.append(p.stdout.strip())
+    env["LD_PRELOAD"] = " ".join(libs + [env.get("LD_PRELOAD", "")]).strip()
+    env["ASAN_OPTIONS"] = env.get("ASAN_OPTIONS", "").replace("detect_leaks=1", "detect_leaks=0")
+
+
 def run_meson_tests(stage, builddir, extra_env=None):
     info = subprocess.run(["meson", "introspect", builddir, "--tests"], cwd=ROOT,
                           capture_output=True, text=True, check=True)
@@ -62,6 +75,8 @@ def run_meson_tests(stage, builddir, extra_env=None):
         env = dict(os.environ)
         env.update(t.get("env") or {})
         env.update(extra_env or {})
+        if env.get("KLA_PRELOAD_SANITIZERS"):
+            preload_sanitizers(env)
         start = time.time()
         try:
             p = subprocess.run(t["cmd"], cwd=t.get("workdir") or os.path.join(ROOT, builddir),
@@ -84,17 +99,44 @@ def stage_release():
     run_meson_tests("release", "build")
 
 
+def run_mutate(stage, builddir, extra_env):
+    """tests/mutate.py on the build's kla and examples/validate for KLA_MUTATE_SECONDS
+    (120 by default); its TAP is counted, its output goes to BUILD/test-logs/mutate.log."""
+    seconds = os.environ.get("KLA_MUTATE_SECONDS", "120")
+    logdir = os.path.join(ROOT, builddir, "test-logs")
+    os.makedirs(logdir, exist_ok=True)
+    cmd = ["/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable,
+           os.path.join(ROOT, "tests", "mutate.py"), "--seconds", seconds,
+           "--kla", os.path.join(ROOT, builddir, "kla"),
+           "--validate", os.path.join(ROOT, builddir, "examples", "validate"),
+           "--src", ROOT, "--findings", os.path.join(logdir, "mutate-findings")]
+    start = time.time()
+    try:
+        p = sh(cmd, env=dict(os.environ, **extra_env), capture_output=True, text=True,
+               timeout=float(seconds) + 600)
+        out, rc = p.stdout + p.stderr, p.returncode
+    except (subprocess.TimeoutExpired, ValueError) as e:
+        out, rc = f"{e}\n", -1
+    with open(os.path.join(logdir, "mutate.log"), "w") as f:
+        f.write(out)
+    if rc != 0:
+        sys.stdout.write("".join("    | " + l + "\n" for l in out.splitlines()[-40:]))
+    count_tap(stage, f"mutate ({time.time() - start:.0f}s)", out, rc)
+
+
 def stage_sanitize():
     args = ["-Db_sanitize=address,undefined", "-Db_lundef=false", "--buildtype=debugoptimized"]
     if not build("build-asan", args):
         return record("sanitize", "build", False)
-    run_meson_tests("sanitize", "build-asan", {
+    env = {
         # see tests/nodlclose.c; it is preloaded ahead of libasan, hence the link-order flag
         "LD_PRELOAD": os.path.join(ROOT, "build-asan", "tests", "libnodlclose.so"),
         "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=1:verify_asan_link_order=0",
         "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1",
         "LSAN_OPTIONS": "suppressions=" + os.path.join(ROOT, "tests", "lsan.supp"),
-    })
+    }
+    run_meson_tests("sanitize", "build-asan", env)
+    run_mutate("sanitize", "build-asan", env)
 
 
 def stage_fuzz(seconds):

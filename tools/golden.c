@@ -9,6 +9,7 @@
  * of the float64 reference (backend ref64, recurrent algorithm).
  */
 #include "golden.h"
+#include "golden_train.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -392,7 +393,7 @@ static double base_tol(int out, int bf16)
 }
 
 /* The smallest value of 1, 2, 5 times a power of ten that is >= x (x <= 10). */
-static double up125(double x)
+double golden_up125(double x)
 {
     char buf[32];
     for (int e = -15; e <= 1; e++)
@@ -405,7 +406,7 @@ static double up125(double x)
 }
 
 /* Shortest decimal that reads back as x ("%.Ng", N = 1..17). */
-static void fmt_num(char *buf, size_t n, double x)
+void golden_fmt_num(char *buf, size_t n, double x)
 {
     for (int prec = 1; prec <= 17; prec++) {
         snprintf(buf, n, "%.*g", prec, x);
@@ -646,7 +647,7 @@ static void tol_list(char *buf, size_t n, const Prob *p, const double *tol)
     for (int i = 0; i < NOUT; i++) {
         if (!has_out(p, i)) continue;
         char num[32];
-        fmt_num(num, sizeof num, tol[i]);
+        golden_fmt_num(num, sizeof num, tol[i]);
         len += (size_t)snprintf(buf + len, n - len, "%s%s=%s", len ? "," : "", out_name(p, i),
                                 num);
         if (len >= n) break;
@@ -668,7 +669,7 @@ static void json_tols(Str *m, const Prob *p, const double *v, int sci)
         if (!has_out(p, i)) continue;
         char num[32];
         if (sci) snprintf(num, sizeof num, "%.1e", v[i]);
-        else fmt_num(num, sizeof num, v[i]);
+        else golden_fmt_num(num, sizeof num, v[i]);
         sb_printf(m, "%s\"%s\": %s", first ? "" : ", ", out_name(p, i), num);
         first = 0;
     }
@@ -738,11 +739,11 @@ static int cmd_generate(const char *dir)
         }
         Prob *p = &g.p;
         for (int i = 0; i < NOUT; i++) {
-            t32[i] = fmax(base_tol(i, 0), up125(4 * e32[i]));
-            t16[i] = fmax(base_tol(i, 1), up125(4 * e16[i]));
+            t32[i] = fmax(base_tol(i, 0), golden_up125(4 * e32[i]));
+            t16[i] = fmax(base_tol(i, 1), golden_up125(4 * e16[i]));
             /* the element bound of the bf16 set: 5 x its rel_rmse bound (tools/verify.h),
              * or 4 x the worst element of the exact computation on bf16 inputs */
-            x16[i] = fmax(VERIFY_BF16_ELEM_FACTOR * t16[i], up125(4 * w16[i]));
+            x16[i] = fmax(VERIFY_BF16_ELEM_FACTOR * t16[i], golden_up125(4 * w16[i]));
         }
 
         /* the file: inputs (F32, cu I32/I64), then expected outputs (F64) */
@@ -762,8 +763,8 @@ static int cmd_generate(const char *dir)
                 t->data = pass ? g.exp.t[i] : (void *)p->in[i].data;
             }
         char scale[32], eps[32], tl32[256], tl16[256], tx16[256];
-        fmt_num(scale, sizeof scale, p->opt.scale);
-        fmt_num(eps, sizeof eps, p->opt.eps);
+        golden_fmt_num(scale, sizeof scale, p->opt.scale);
+        golden_fmt_num(eps, sizeof eps, p->opt.eps);
         tol_list(tl32, sizeof tl32, p, t32);
         tol_list(tl16, sizeof tl16, p, t16);
         tol_list(tx16, sizeof tx16, p, x16);
@@ -834,9 +835,20 @@ static int cmd_generate(const char *dir)
         json_tols(&m, p, e16, 1);
         sb_printf(&m, ",\n        \"bf16_inputs_element\": ");
         json_tols(&m, p, w16, 1);
-        sb_printf(&m, "\n      }\n    }%s\n", ci + 1 < NCASES ? "," : "");
+        sb_printf(&m, "\n      }\n    },\n");
         printf("%-44s %9lld bytes  %s\n", name, bytes, sha);
         gen_free(&g);
+    }
+    /* then the layer and training-step cases (tools/golden_train.c) */
+    for (int ci = 0; ci < gtrain_count() && !rc; ci++) {
+        char *entry = NULL;
+        if (gtrain_generate(ci, dir, c64, c32, &entry) < 0) {
+            fprintf(stderr, "kla golden: %s: generation failed\n", gtrain_name(ci));
+            rc = 1;
+        } else {
+            sb_printf(&m, "%s%s\n", entry, ci + 1 < gtrain_count() ? "," : "");
+        }
+        free(entry);
     }
     sb_printf(&m, "  ]\n}\n");
     if (!rc) {
@@ -854,11 +866,10 @@ static int cmd_generate(const char *dir)
         while (d && (e = readdir(d))) {
             if (!is_case_file(e->d_name)) continue;
             int known = 0;
-            for (int ci = 0; ci < NCASES; ci++) {
-                size_t l = strlen(names[ci]);
-                if (strncmp(e->d_name, names[ci], l) == 0 &&
-                    strcmp(e->d_name + l, ".safetensors") == 0)
-                    known = 1;
+            for (int ci = 0; ci < NCASES + gtrain_count(); ci++) {
+                const char *nm = ci < NCASES ? names[ci] : gtrain_name(ci - NCASES);
+                size_t l = strlen(nm);
+                if (strncmp(e->d_name, nm, l) == 0 && strcmp(e->d_name + l, ".safetensors") == 0) known = 1;
             }
             if (!known) {
                 snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
@@ -866,7 +877,9 @@ static int cmd_generate(const char *dir)
             }
         }
         if (d) closedir(d);
-        if (!rc) printf("golden: %d cases and MANIFEST.json written to %s\n", NCASES, dir);
+        if (!rc)
+            printf("golden: %d operator and %d layer/model cases and MANIFEST.json written to %s\n", NCASES,
+                   gtrain_count(), dir);
     }
     free(m.p);
     kla_close(&c64);
@@ -930,6 +943,12 @@ static void check_case(KlaContext *ctx, const char *dir, const char *file, Tally
         return;
     }
     const st_file *f = kla__file_st(kf);
+    if (gtrain_is_case(kf)) { /* a layer or training-step case */
+        int pass = 0, fail = 0;
+        gtrain_check(ctx, kf, cname, &pass, &fail);
+        ty->pass += pass, ty->fail += fail, fails += fail;
+        goto done;
+    }
     KlaDtype dt = strcmp(kla_backend_name(ctx), "ref64") == 0 ? KLA_F64 : KLA_F32;
     if (prob_from_file(&p, kf) < 0 || outs_alloc(&o, &p, dt) < 0) {
         printf("%s %-18s FAIL  not a valid case (see the message above)\n", cname, "load");

@@ -75,9 +75,11 @@ def _manifest(dir=None):
                                 "should name the golden folder)" % (d, src)) from None
 
 
-def golden_cases(dir=None, details=False):
-    """Names of the golden cases in MANIFEST.json order (details=True: the entries)."""
-    cases = _manifest(dir)["cases"]
+def golden_cases(dir=None, details=False, kind="operator"):
+    """Names of the golden cases in MANIFEST.json order (details=True: the entries).
+    kind: "operator" (the default: the cases of kla forward/backward), "layer" (kla layer
+    backward), "model" (kla model step), or None for all."""
+    cases = [c for c in _manifest(dir)["cases"] if kind is None or c.get("kind", "operator") == kind]
     return cases if details else [c["name"] for c in cases]
 
 
@@ -99,10 +101,18 @@ class Case:
         self.tensors, self.metadata = load(path)
         self.name = self.metadata.get("case") or os.path.basename(path)[:-len(".safetensors")]
         self.manifest = manifest_entry or {}
-        self.inputs = {n: self.tensors[n] for n in INPUT_NAMES if n in self.tensors}
-        from .verify import OUTPUT_NAMES, meta_tol
-        self.expected = {n: self.tensors[n] for n in OUTPUT_NAMES if n in self.tensors}
+        from .verify import OUTPUT_NAMES, is_output_name, meta_tol
         m = self.metadata
+        # "operator", or "layer" / "model": a case of kla layer backward / kla model step,
+        # whose inputs are every tensor that is not an output (parameters by name, x, dy,
+        # cu_seqlens | input_ids, labels) and whose expected are y dx grad.* | loss grad.* new.*
+        self.kind = m.get("kind", "operator")
+        if self.kind == "operator":
+            self.inputs = {n: self.tensors[n] for n in INPUT_NAMES if n in self.tensors}
+            self.expected = {n: self.tensors[n] for n in OUTPUT_NAMES if n in self.tensors}
+        else:
+            self.inputs = {n: a for n, a in self.tensors.items() if not is_output_name(n)}
+            self.expected = {n: a for n, a in self.tensors.items() if is_output_name(n)}
         self.options = {
             "mode": m.get("mode", "kla" if "eta" in self.tensors else "gdn"),
             "scale": float(m["scale"]) if "scale" in m else None,
