@@ -97,6 +97,7 @@ static void usage_main(FILE *f)
             "  bench      throughput of forward, backward, decode (kla bench --help)\n"
             "  layer      kla layer backward IN -o OUT: a KLA layer's output and gradients\n"
             "  model      kla model step IN -o OUT: one training step of the model\n"
+            "  train      train a model on MQAR, the KLA authors' benchmark (kla train --help)\n"
             "  help [COMMAND], --help, --version\n"
             "'kla COMMAND --help' describes a command.\n");
 }
@@ -676,6 +677,7 @@ int main(int argc, char **argv)
     if (strcmp(a, "bench") == 0) return kla_bench_main(argc - 1, argv + 1);
     if (strcmp(a, "layer") == 0) return layer_main(argc - 1, argv + 1);
     if (strcmp(a, "model") == 0) return model_main(argc - 1, argv + 1);
+    if (strcmp(a, "train") == 0) return train_main(argc - 1, argv + 1);
     if (strcmp(a, "help") == 0) {
         if (argc >= 3 && strcmp(argv[2], "golden") == 0) {
             char *h[] = { argv[2], (char *)"--help", NULL };
@@ -685,9 +687,10 @@ int main(int argc, char **argv)
             char *h[] = { argv[2], (char *)"--help", NULL };
             return kla_bench_main(2, h);
         }
-        if (argc >= 3 && (strcmp(argv[2], "layer") == 0 || strcmp(argv[2], "model") == 0)) {
+        if (argc >= 3 && (!strcmp(argv[2], "layer") || !strcmp(argv[2], "model") || !strcmp(argv[2], "train"))) {
             char *h[] = { argv[2], (char *)"--help", NULL };
-            return strcmp(argv[2], "layer") == 0 ? layer_main(2, h) : model_main(2, h);
+            return !strcmp(argv[2], "layer") ? layer_main(2, h) : !strcmp(argv[2], "model") ? model_main(2, h)
+                                                                                          : train_main(2, h);
         }
         if (argc < 3) {
             usage_main(stdout);
