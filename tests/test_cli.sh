@@ -4,6 +4,7 @@
 # independent float64 recurrence (kla-spec.md section 1) for expected outputs.
 KLA=${1:?usage: test_cli.sh PATH_TO_KLA SOURCE_DIR}
 case $KLA in /*) ;; *) KLA=$(pwd)/$KLA ;; esac
+SRC=$(cd "${2:-.}" && pwd)
 PY=/usr/bin/python3
 [ -x "$PY" ] || PY=python3
 W=$(mktemp -d "${TMPDIR:-/tmp}/kla_cli.XXXXXX") || exit 1
@@ -273,6 +274,30 @@ def main():
         r, _ = read(sys.argv[3])
         write(out, [("o", "F32", r["o"][1], [x * (1 + 1.5625e-5) for x in r["o"][2]]),
                     ("ht", "F32", r["ht"][1], r["ht"][2])])
+    elif case.startswith("tr_"):
+        # a golden layer / model case with one thing wrong (argv: src): its inputs only
+        r, meta = read(sys.argv[3])
+        outs = ("y", "dx", "loss")
+        ts = {n: v for n, v in r.items() if n not in outs and not n.startswith(("grad.", "new."))}
+        meta = {k: v for k, v in meta.items() if not k.startswith("tol")}
+        first = sorted(n for n in ts if "q_proj" in n)[0]
+        kname = first.replace("q_proj", "k_proj")  # not one the sizes are read from
+        if case == "tr_unknown":
+            ts[first.replace("q_proj.weight", "initial_state")] = ts[first]
+        elif case == "tr_missing":
+            del ts[kname]
+        elif case == "tr_shape":
+            dt, sh, v = ts[kname]
+            ts[kname] = (dt, [sh[0] * sh[1]], v)
+        elif case == "tr_nan":
+            dt, sh, v = ts[first]
+            ts[first] = (dt, sh, [float("nan")] + v[1:])
+        elif case == "tr_label":
+            dt, sh, v = ts["labels"]
+            ts["labels"] = (dt, sh, v[:-1] + [10 ** 6])
+        elif case == "tr_key":
+            meta["learning_rate"] = "1e-3"
+        write(out, [(n, d, s_, v) for n, (d, s_, v) in ts.items()], meta)
     elif case == "values":
         # argv: file tensor; prints the values
         r, _ = read(out)
@@ -644,6 +669,52 @@ cksum same.st >same.before
 cksum same.st >same.after
 if [ $rc -eq 1 ] && cmp -s same.before same.after; then ok "OUT = IN is refused"
 else nok "OUT = IN is refused"; fi
+
+# ---- the layer, the training step, kla train ---------------------------------------------
+LC=$SRC/golden/layer_kla_d16_H2_dk8_dv6_B1_T20_varlen.safetensors
+MC=$SRC/golden/model_gdn_V32_d16_L2_H2_dk8_dv4_F24_B2_T12_clip.safetensors
+for be in ref64 ref; do
+    check "layer backward ($be) matches the golden layer case" sh -c \
+        "'$KLA' layer backward --backend $be '$LC' -o lay.st && '$KLA' verify lay.st --against '$LC'"
+    check "model step ($be) matches the golden model-step case" sh -c \
+        "'$KLA' model step --backend $be '$MC' -o mod.st && '$KLA' verify mod.st --against '$MC'"
+done
+for c in tr_unknown tr_missing tr_shape tr_nan tr_key; do gen $c l_$c.st "$LC"; gen $c m_$c.st "$MC"; done
+gen tr_label m_tr_label.st "$MC"
+bad "layer: an unknown parameter name, with a hint" 'l_tr_unknown\.st.*"attn\.initial_state".*not one of this layer' \
+    "$KLA" layer backward l_tr_unknown.st -o bad.st
+bad "layer: a missing parameter" 'l_tr_missing\.st.*missing parameter "attn\.k_proj\.weight"' "$KLA" layer backward l_tr_missing.st -o bad.st
+bad "layer: a parameter of the wrong shape" 'l_tr_shape\.st.*"attn\.k_proj\.weight": shape \[256\], expected \[16, 16\]' "$KLA" layer backward l_tr_shape.st -o bad.st
+bad "layer: NaN in a weight" 'l_tr_nan\.st.*attn\.q_proj\.weight.*nan' "$KLA" layer backward l_tr_nan.st -o bad.st
+bad "model: an unknown parameter name" 'm_tr_unknown\.st.*"layers\.0\.attn\.initial_state"' "$KLA" model step m_tr_unknown.st -o bad.st
+bad "model: a missing parameter" 'm_tr_missing\.st.*missing parameter "layers\.0\.attn\.k_proj\.weight"' "$KLA" model step m_tr_missing.st -o bad.st
+bad "model: NaN in a weight" 'm_tr_nan\.st.*nan' "$KLA" model step m_tr_nan.st -o bad.st
+bad "model: a label out of range" 'm_tr_label\.st.*labels: 1000000 at \[1, 11\]' "$KLA" model step m_tr_label.st -o bad.st
+bad "model: an unknown metadata key" 'm_tr_key\.st.*"learning_rate"' "$KLA" model step m_tr_key.st -o bad.st
+# kla train on a tiny model: a progress line per step, evaluations, checkpoints, a log a
+# plot reads, the final accuracy at 1x 2x 4x; and a run resumed from its checkpoint ends
+# bit for bit where the uninterrupted run does
+TR="--vocab 64 --d-model 16 --n-layer 1 --n-head 2 --d-k 8 --d-v 8 --d-ff 32 --pairs 4 --seq-len 16 \
+    --batch 8 --train-examples 64 --eval-examples 16 --eval-every 5 --eval-factors 1,2,4 --backend ref"
+"$KLA" train $TR --steps 10 --checkpoint full.st --log full.jsonl >train.txt 2>err.txt; rc=$?
+if [ $rc -eq 0 ] && [ "$(grep -c '^step ' train.txt)" = 10 ] && grep -q '^  4x (length 64): accuracy' train.txt &&
+    [ "$(grep -c '^{"step"' full.jsonl)" = 10 ] && grep -q '"final"' full.jsonl && [ -s full.st ] && [ -s full.st.best ]; then
+    ok "train: 10 steps, progress lines, log, checkpoints, final accuracy at 1x 2x 4x"
+else nok "train: 10 steps, progress lines, log, checkpoints, final accuracy at 1x 2x 4x (rc $rc)"; fi
+"$KLA" train $TR --steps 5 --checkpoint half.st >/dev/null 2>&1 && cp half.st half5.st &&
+"$KLA" train $TR --steps 10 --checkpoint half.st --resume half5.st >resume.txt 2>err.txt; rc=$?
+if [ $rc -eq 0 ] && cmp -s half.st full.st && grep -q 'resuming' resume.txt; then
+    ok "train --resume: 5 + 5 steps end bit for bit where 10 steps do"
+else nok "train --resume: 5 + 5 steps end bit for bit where 10 steps do (rc $rc)"; fi
+head -c 1000 half5.st >trunc.st
+"$KLA" train $TR --steps 10 --resume trunc.st >out.txt 2>err.txt; rc=$?
+if [ $rc -eq 1 ] && grep -q 'trunc\.st' err.txt; then ok "train --resume: a truncated checkpoint is refused"
+else nok "train --resume: a truncated checkpoint is refused (rc $rc)"; fi
+"$KLA" train $TR --d-model 32 --steps 10 --resume half5.st >out.txt 2>err.txt; rc=$?
+if [ $rc -eq 1 ] && grep -q 'another model' err.txt; then ok "train --resume: a checkpoint of another model is refused"
+else nok "train --resume: a checkpoint of another model is refused (rc $rc)"; fi
+usage_error "train: --mixer bogus, exit 2" train --mixer bogus
+check "kla help train" sh -c "'$KLA' help train | grep -q 'usage: kla train'"
 
 # ---- verify ------------------------------------------------------------------------------
 # REF: o [2, 32, 4, 16] = 4096 elements, all 1.0. GOT multiplies one element by 1.001, so

@@ -175,7 +175,8 @@ static int parse_opts(int argc, char **argv, Opts *o)
             if (!strcmp(a, ints[k].name)) {
                 int64_t x;
                 if (parse_i64(v, ints[k].lo, &x) < 0) {
-                    fprintf(stderr, "kla train: %s '%s': expected an integer >= %lld\n", a, v, (long long)ints[k].lo);
+                    fprintf(stderr, "kla train: %s '%s': expected an integer >= %lld\n%s", a, v, (long long)ints[k].lo,
+                            usage);
                     return 2;
                 }
                 if (ints[k].p) *ints[k].p = x;
@@ -187,7 +188,7 @@ static int parse_opts(int argc, char **argv, Opts *o)
                 char *end;
                 double x = strtod(v, &end);
                 if (end == v || *end || !isfinite(x)) {
-                    fprintf(stderr, "kla train: %s '%s': expected a number\n", a, v);
+                    fprintf(stderr, "kla train: %s '%s': expected a number\n%s", a, v, usage);
                     return 2;
                 }
                 *dbl[k].p = x;
@@ -198,7 +199,7 @@ static int parse_opts(int argc, char **argv, Opts *o)
             if (!strcmp(v, "kla")) o->cfg.mixer = KLA_MIXER_KLA;
             else if (!strcmp(v, "gdn")) o->cfg.mixer = KLA_MIXER_GDN;
             else {
-                fprintf(stderr, "kla train: --mixer '%s': expected kla or gdn\n", v);
+                fprintf(stderr, "kla train: --mixer '%s': expected kla or gdn\n%s", v, usage);
                 return 2;
             }
         } else if (!strcmp(a, "--seed") || !strcmp(a, "--data-seed")) {
