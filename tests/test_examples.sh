@@ -5,7 +5,8 @@ V=${1:?usage: test_examples.sh PATH_TO_VALIDATE SOURCE_DIR}
 SRC=${2:?usage: test_examples.sh PATH_TO_VALIDATE SOURCE_DIR}
 N=0
 FAILED=0
-for f in "$SRC"/golden/*.safetensors; do
+# the operator's cases (layer_* and model_* are kla layer backward / kla model step cases)
+for f in "$SRC"/golden/kla_*.safetensors "$SRC"/golden/gdn_*.safetensors; do
     c=$(basename "$f" .safetensors)
     for b in ref ref64; do
         N=$((N + 1))
