@@ -355,8 +355,9 @@ typedef struct KlaLoss {
 /* The model's forward and loss; with backward, also every gradient (read them with
  * KLA_PART_GRAD). A backward needs at least one labelled position. */
 KLA_API int kla_model_loss(KlaModel *m, const KlaBatch *b, int backward, KlaLoss *out);
-/* One optimizer step from the gradients of the last backward: clipping, then AdamW.
- * grad_norm (may be NULL) gets the global norm before clipping. */
+/* One optimizer step from the gradients of the last backward: clipping, then AdamW. The
+ * stored gradients are left as they were (before clipping), and each update needs a
+ * backward of its own. grad_norm (may be NULL) gets the global norm before clipping. */
 KLA_API int kla_model_update(KlaModel *m, const KlaAdamW *opt, double *grad_norm);
 
 /* A layer's forward y = mixer(x), x and y [B, T, d]; with dy, also dx and the parameters'

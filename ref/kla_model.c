@@ -43,10 +43,13 @@ typedef float real;
 #define r_log1p log1pf
 #include <cblas.h>
 #ifdef _OPENMP
-#define OMP_FOR _Pragma("omp parallel for schedule(static)")
+#include <omp.h>
+#define OMP_FOR _Pragma("omp parallel for schedule(static) num_threads(n_threads)")
+static _Thread_local int n_threads = 1; /* set by each entry point from kla_mdims.threads */
 #else
 #define OMP_FOR
 #endif
+void openblas_set_num_threads(int); /* OpenBLAS's, not in every cblas.h */
 #elif KLA_REAL_BITS == 32
 typedef float real;
 #define MDL(name) kla_##name##_f32
@@ -456,9 +459,21 @@ done:
     return r;
 }
 
+/* the fast path's threads: the context's count (KlaParams.threads), else all cores */
+static void use_threads(const kla_mdims *m)
+{
+#if defined(KLA_MODEL_FAST) && defined(_OPENMP)
+    n_threads = m->threads > 0 ? m->threads : omp_get_num_procs();
+    openblas_set_num_threads(n_threads);
+#else
+    (void)m;
+#endif
+}
+
 int MDL(layer_backward)(const kla_mdims *m, const real *w, real *dw, const kla_mseqs *s, const real *x,
                         const real *dy, real *y, real *dx, KlaContext *op)
 {
+    use_threads(m);
     mixer_w W;
     mixer_dw DW;
     mixer_acts a;
@@ -552,10 +567,11 @@ static int model_view(const kla_mdims *m, const real *w, model_w *v)
 /*
  * The head: logits = xf E^T at the rows in `rows` (all, or the labelled ones), then the
  * cross-entropy. Its backward: dlogits = (softmax - onehot(label)) / nlab, dxf = dlogits
- * E, dE += dlogits^T xf. logits is [nr, vocab] scratch.
+ * E, dE += dlogits^T xf. One block of rows at a time (head_loss), so that the logits
+ * [rows, vocab] of a long evaluation never exist at once.
  */
-static int head_loss(const kla_mdims *m, const real *E, const real *xf, const int64_t *labels, const int64_t *rows,
-                     int64_t nr, int64_t nlab, real *dxf, real *dE, double *loss, int64_t *correct)
+static int head_block(const kla_mdims *m, const real *E, const real *xf, const int64_t *labels, const int64_t *rows,
+                      int64_t nr, int64_t nlab, real *dxf, real *dE, double *lsum, int64_t *correct)
 {
     const int64_t V = m->vocab, d = m->d;
     real *xr = alloc_reals(nr * d), *logits = alloc_reals(nr * V);
@@ -587,11 +603,7 @@ static int head_loss(const kla_mdims *m, const real *E, const real *xf, const in
             if (lab >= 0) z[lab] -= (real)(1.0 / (double)nlab);
         }
     }
-    double l = 0;
-    int64_t c = 0;
-    for (int64_t i = 0; i < nr; i++) l += lr[i], c += cr[i];
-    *loss = nlab ? l / (double)nlab : 0;
-    *correct = c;
+    for (int64_t i = 0; i < nr; i++) *lsum += lr[i], *correct += cr[i];
     if (dxf) {
         /* xf E^T:  dxf (the gathered rows) = dlogits E;  dE += dlogits^T xf */
         real *dxr = alloc_reals(nr * d);
@@ -609,6 +621,22 @@ static int head_loss(const kla_mdims *m, const real *E, const real *xf, const in
     return 0;
 }
 
+#define HEAD_ROWS 1024
+
+static int head_loss(const kla_mdims *m, const real *E, const real *xf, const int64_t *labels, const int64_t *rows,
+                     int64_t nr, int64_t nlab, real *dxf, real *dE, double *loss, int64_t *correct)
+{
+    double lsum = 0;
+    *correct = 0;
+    for (int64_t i = 0; i < nr; i += HEAD_ROWS) {
+        const int r = head_block(m, E, xf, labels, rows + i, nr - i < HEAD_ROWS ? nr - i : HEAD_ROWS, nlab, dxf, dE,
+                                 &lsum, correct);
+        if (r < 0) return r;
+    }
+    *loss = nlab ? lsum / (double)nlab : 0;
+    return 0;
+}
+
 int MDL(model_loss)(const kla_mdims *m, const real *w, real *grad, int64_t B, int64_t T, const int64_t *ids,
                     const int64_t *labels, int labelled_only, KlaContext *op, double *loss, int64_t *correct,
                     int64_t *nlab)
@@ -616,10 +644,14 @@ int MDL(model_loss)(const kla_mdims *m, const real *w, real *grad, int64_t B, in
     const int64_t rows = B * T, d = m->d, F = m->F, L = m->L;
     int64_t total;
     kla_mparams(m, NULL, 0, &total);
+    use_threads(m);
+    /* a forward alone (evaluation) keeps no block's activations for a backward: one set
+     * serves every block in turn, so its memory does not grow with the blocks */
+    const int64_t nacts = grad ? L : 1;
     model_w W, DW = { 0 };
     kla_mseqs seqs = { NULL, B };
     int64_t *cu = malloc((size_t)(B + 1) * sizeof *cu), *hrows = malloc((size_t)(rows ? rows : 1) * sizeof *hrows);
-    block_acts *acts = calloc((size_t)(L ? L : 1), sizeof *acts);
+    block_acts *acts = calloc((size_t)(nacts ? nacts : 1), sizeof *acts);
     real *x = alloc_reals(rows * d), *xf = alloc_reals(rows * d), *rstdf = alloc_reals(rows);
     real *dx = alloc_reals(rows * d), *dtmp = alloc_reals(rows * d), *dh = alloc_reals(rows * F);
     int r = KLA_ENOMEM;
@@ -628,13 +660,13 @@ int MDL(model_loss)(const kla_mdims *m, const real *w, real *grad, int64_t B, in
     if (grad && model_view(m, grad, &DW) < 0) goto done;
     for (int64_t b = 0; b <= B; b++) cu[b] = b * T;
     seqs.cu = cu;
-    for (int64_t l = 0; l < L; l++)
+    for (int64_t l = 0; l < nacts; l++)
         if (block_acts_alloc(&acts[l], m, rows) < 0) goto done;
 
     /* x = E[ids] */
     for (int64_t i = 0; i < rows; i++) memcpy(x + i * d, W.E + ids[i] * d, (size_t)d * sizeof(real));
     for (int64_t l = 0; l < L; l++) {
-        block_acts *a = &acts[l];
+        block_acts *a = &acts[grad ? l : 0];
         const block_w *bw = &W.blocks[l];
         mixer_w mw;
         mixer_view(m, bw->mixer, &mw);
@@ -713,7 +745,7 @@ int MDL(model_loss)(const kla_mdims *m, const real *w, real *grad, int64_t B, in
         for (int64_t j = 0; j < d; j++) ((real *)DW.E)[ids[i] * d + j] += dx[i * d + j];
     r = 0;
 done:
-    for (int64_t l = 0; acts && l < L; l++) block_acts_free(&acts[l]);
+    for (int64_t l = 0; acts && l < nacts; l++) block_acts_free(&acts[l]);
     free(acts), free(cu), free(hrows), free(x), free(xf), free(rstdf), free(dx), free(dtmp), free(dh);
     free(W.blocks), free(DW.blocks);
     return r;

@@ -19,6 +19,7 @@ typedef struct kla_mdims {
     double norm_eps;
     int mixer;      /* KLA_MIXER_KLA or KLA_MIXER_GDN */
     int layer_only; /* one mixer: parameters attn.*, no embedding, norms or MLP */
+    int threads;    /* the fast path's OpenMP and OpenBLAS threads (KlaParams.threads; 0: all) */
 } kla_mdims;
 
 /* Parameters of one block, in their order within the block. */

@@ -137,7 +137,8 @@ static int model_new(KlaContext *ctx, const KlaModelConfig *c, int layer, KlaMod
     m->ctx = ctx;
     m->dims = (kla_mdims){ .vocab = layer ? 0 : c->vocab, .d = c->d_model, .L = layer ? 1 : c->n_layer,
                            .H = c->n_head, .dk = c->d_k, .dv = c->d_v, .F = layer ? 0 : c->d_ff,
-                           .norm_eps = c->norm_eps, .mixer = (int)c->mixer, .layer_only = layer };
+                           .norm_eps = c->norm_eps, .mixer = (int)c->mixer, .layer_only = layer,
+                           .threads = ctx->params.threads };
     const int fast = !strcmp(ctx->be->name, "simd");
 #ifdef KLA_HAVE_MODEL_FAST
     m->variant = ctx->be->real == KLA_F64 ? V_F64 : fast ? V_FAST : V_F32;
@@ -447,7 +448,8 @@ int kla_model_update(KlaModel *m, const KlaAdamW *a, double *grad_norm)
     if (!a) {
         r = kla__fail(m->ctx, KLA_EINVAL, "kla_model_update: NULL settings");
     } else if (!m->has_grad) {
-        r = kla__fail(m->ctx, KLA_EINVAL, "kla_model_update: no gradients (run kla_model_loss with backward first)");
+        r = kla__fail(m->ctx, KLA_EINVAL, "kla_model_update: no fresh gradients (run kla_model_loss with backward "
+                      "before each update)");
     } else if (!(isfinite(a->lr) && a->lr >= 0 && a->beta1 >= 0 && a->beta1 < 1 && a->beta2 >= 0 && a->beta2 < 1 &&
                  isfinite(a->eps) && a->eps > 0 && isfinite(a->weight_decay) && a->weight_decay >= 0 &&
                  isfinite(a->clip))) {
@@ -473,8 +475,9 @@ int kla_model_update(KlaModel *m, const KlaAdamW *a, double *grad_norm)
 #endif
     else
         kla_adamw_f32(p, g, mo, ve, m->total, m->steps, a->lr, a->beta1, a->beta2, a->eps, a->weight_decay, scale);
-    /* the gradients are the clipped ones PyTorch leaves behind */
-    for (int64_t j = 0; j < m->total && scale != 1; j++) put(g, m->dt, j, get(g, m->dt, j) * scale);
+    /* the gradients stay as the backward left them (before clipping); a next step needs
+     * a next backward */
+    m->has_grad = 0;
     return leave(m, 0);
 }
 

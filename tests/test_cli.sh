@@ -679,6 +679,12 @@ for be in ref64 ref; do
     check "model step ($be) matches the golden model-step case" sh -c \
         "'$KLA' model step --backend $be '$MC' -o mod.st && '$KLA' verify mod.st --against '$MC'"
 done
+# the fast path (simd: OpenBLAS products, labelled-only head) on every layer and model case
+if "$KLA" info | grep -Eq '^ +simd +built, usable'; then
+    check "golden check --backend simd: the layer and model-step cases" sh -c \
+        "'$KLA' golden check --backend simd --dir '$SRC/golden' --cases 'layer_*' >/dev/null &&
+         '$KLA' golden check --backend simd --dir '$SRC/golden' --cases 'model_*' >/dev/null"
+fi
 for c in tr_unknown tr_missing tr_shape tr_nan tr_key; do gen $c l_$c.st "$LC"; gen $c m_$c.st "$MC"; done
 gen tr_label m_tr_label.st "$MC"
 bad "layer: an unknown parameter name, with a hint" 'l_tr_unknown\.st.*"attn\.initial_state".*not one of this layer' \

@@ -365,6 +365,9 @@ static void test_adamw(KlaContext *c64)
               worst);
     }
     check(kla_model_steps(m) == 2, "AdamW: two steps counted");
+    r = kla_model_update(m, &a, NULL);
+    check(r == KLA_EINVAL && strstr(kla_error_detail(c64), "backward before each update"),
+          "a second update without a backward is refused: %s", kla_error_detail(c64));
     for (int i = 0; i < np; i++) free(p0[i]), free(g0[i]), free(m1[i]), free(v1[i]);
     free(p0), free(g0), free(m1), free(v1), free(nn);
     kla_model_free(&m);
@@ -492,7 +495,7 @@ static void test_bad(KlaContext *c64)
     KlaModel *fresh = NULL;
     kla_model_new(c64, &cfg, &fresh);
     r = kla_model_update(fresh, &a, NULL);
-    check(r == KLA_EINVAL && strstr(kla_error_detail(c64), "no gradients"), "an update before any backward: %s",
+    check(r == KLA_EINVAL && strstr(kla_error_detail(c64), "no fresh gradients"), "an update before any backward: %s",
           kla_error_detail(c64));
     a.beta2 = 1;
     b = make_batch(cfg.vocab);

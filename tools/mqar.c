@@ -375,6 +375,39 @@ done:
     return rc;
 }
 
+/* the parameters, in one float vector (the best model of a run, kept for its final
+ * evaluation) */
+static float *snapshot(KlaModel *m, float *buf)
+{
+    int64_t n = 0;
+    for (int i = 0; i < kla_model_param_count(m); i++) {
+        KlaParamInfo p;
+        kla_model_param_info(m, i, &p);
+        n += p.numel;
+    }
+    if (!buf && !(buf = malloc((size_t)n * sizeof *buf))) return NULL;
+    int64_t o = 0;
+    for (int i = 0; i < kla_model_param_count(m); i++) {
+        KlaParamInfo p;
+        kla_model_param_info(m, i, &p);
+        kla_model_read(m, KLA_PART_PARAM, i, KLA_OUT(buf + o, KLA_F32, p.numel));
+        o += p.numel;
+    }
+    return buf;
+}
+
+static int restore(KlaModel *m, const float *buf)
+{
+    int64_t o = 0;
+    for (int i = 0; i < kla_model_param_count(m); i++) {
+        KlaParamInfo p;
+        kla_model_param_info(m, i, &p);
+        if (kla_model_write(m, KLA_PART_PARAM, i, KLA_IN(buf + o, KLA_F32, p.numel)) < 0) return -1;
+        o += p.numel;
+    }
+    return 0;
+}
+
 /* ---- the loop ------------------------------------------------------------------------------- */
 
 static void hms(char *buf, size_t n, double s)
@@ -409,6 +442,7 @@ int train_main(int argc, char **argv)
     KlaModel *m = NULL;
     Mqar train = { 0 }, val = { 0 };
     int64_t *perm = NULL, *bids = NULL, *blab = NULL;
+    float *best = NULL; /* the best parameters of this run */
     FILE *log = NULL;
     if (kla_open(&ctx, &par) < 0) {
         fprintf(stderr, "kla train: %s\n", kla_error_detail(NULL));
@@ -506,6 +540,10 @@ int train_main(int argc, char **argv)
             const int better = va > r.best_acc;
             if (better) r.best_acc = va, r.best_step = r.step, r.bad_evals = 0;
             else r.bad_evals++;
+            if (better && !(best = snapshot(m, best))) {
+                fprintf(stderr, "kla train: out of memory for the best parameters\n");
+                goto done;
+            }
             if (!o.quiet)
                 printf("eval   step %lld: validation accuracy %.4f, loss %.4f (best %.4f at step %lld)\n",
                        (long long)r.step, va, vl, r.best_acc, (long long)r.best_step);
@@ -513,9 +551,9 @@ int train_main(int argc, char **argv)
                 fprintf(log, "{\"eval\": \"validation\", \"step\": %lld, \"acc\": %.6g, \"loss\": %.6g}\n",
                         (long long)r.step, va, vl);
             if (o.checkpoint) {
-                char best[4200];
-                snprintf(best, sizeof best, "%s.best", o.checkpoint);
-                if ((better && save_checkpoint(best, m, &o, &r) < 0) || save_checkpoint(o.checkpoint, m, &o, &r) < 0)
+                char bp[4200];
+                snprintf(bp, sizeof bp, "%s.best", o.checkpoint);
+                if ((better && save_checkpoint(bp, m, &o, &r) < 0) || save_checkpoint(o.checkpoint, m, &o, &r) < 0)
                     goto done;
             }
             if (log) fflush(log);
@@ -529,14 +567,21 @@ int train_main(int argc, char **argv)
         rc = 0;
         goto done;
     }
-    /* the final evaluation: the best checkpoint at each length (fresh examples, seeds 1042 + f) */
-    if (o.checkpoint) {
-        char best[4200];
-        snprintf(best, sizeof best, "%s.best", o.checkpoint);
+    /* the final evaluation: the best parameters at each length (fresh examples, seeds
+     * 1042 + f): this run's best, else (a run resumed after it) the best checkpoint */
+    const char *which = "the best parameters";
+    if (best) {
+        if (restore(m, best) < 0) goto done;
+    } else if (o.checkpoint) {
+        char bp[4200];
+        snprintf(bp, sizeof bp, "%s.best", o.checkpoint);
         Run rb;
-        if (access(best, R_OK) == 0 && load_checkpoint(best, m, ctx, &o, &rb) < 0) goto done;
+        if (access(bp, R_OK) == 0 && load_checkpoint(bp, m, ctx, &o, &rb) < 0) goto done;
+        if (access(bp, R_OK) != 0) which = "the last parameters (no best checkpoint)";
+    } else if (r.best_step != r.step) {
+        which = "the last parameters (the best are not known: resume with --checkpoint)";
     }
-    if (!o.quiet) printf("final: the best checkpoint (step %lld)\n", (long long)r.best_step);
+    if (!o.quiet) printf("final: %s (step %lld)\n", which, (long long)(best || r.best_step ? r.best_step : r.step));
     if (log) fprintf(log, "{\"final\": {\"best_step\": %lld, \"mixer\": \"%s\", \"seed\": %llu, \"acc\": {",
                      (long long)r.best_step, o.cfg.mixer == KLA_MIXER_GDN ? "gdn" : "kla", (unsigned long long)o.seed);
     for (int i = 0; i < o.nfactors; i++) {
@@ -568,7 +613,7 @@ int train_main(int argc, char **argv)
 done:
     if (log) fclose(log);
     mqar_free(&train), mqar_free(&val);
-    free(perm), free(bids), free(blab);
+    free(perm), free(bids), free(blab), free(best);
     kla_model_free(&m);
     kla_close(&ctx);
     return rc;
