@@ -330,6 +330,10 @@ typedef enum KlaModelPart { KLA_PART_PARAM = 0, KLA_PART_GRAD = 1, KLA_PART_ADAM
 KLA_API int kla_model_read(KlaModel *m, KlaModelPart part, int i, KlaOut dst);
 /* Values must be finite (and the second moment >= 0). */
 KLA_API int kla_model_write(KlaModel *m, KlaModelPart part, int i, KlaIn src);
+/* Bytes the model holds: its parameters, gradients and AdamW moments, and the workspace of
+ * its largest call so far (the activations a backward needs; linear in B and T). */
+KLA_API int64_t kla_model_bytes(const KlaModel *m);
+
 /* AdamW's step count (0: no step taken), for checkpoints. */
 KLA_API int64_t kla_model_steps(const KlaModel *m);
 KLA_API int kla_model_set_steps(KlaModel *m, int64_t steps);

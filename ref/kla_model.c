@@ -50,6 +50,7 @@ static _Thread_local int n_threads = 1; /* set by each entry point from kla_mdim
 #define OMP_FOR
 #endif
 void openblas_set_num_threads(int); /* OpenBLAS's, not in every cblas.h */
+int openblas_get_num_threads(void);
 #elif KLA_REAL_BITS == 32
 typedef float real;
 #define MDL(name) kla_##name##_f32
@@ -74,22 +75,98 @@ typedef double real;
 
 #define CONV 4 /* the short convolution's width; tap CONV-1 is the current token */
 
+/* Scratch of n reals, zeroed: from the call's workspace (kla_ws) when there is one. */
+static _Thread_local kla_ws *ws_cur;
+
+static void *ws_alloc(kla_ws *ws, size_t bytes)
+{
+    bytes = (bytes + 63) & ~(size_t)63;
+    ws->need += bytes;
+    if (ws->base && ws->used + bytes <= ws->cap) {
+        void *p = ws->base + ws->used;
+        ws->used += bytes;
+        memset(p, 0, bytes);
+        return p;
+    }
+    /* beyond the workspace this time: plain memory, and the workspace grows at the end */
+    if (ws->nextra == ws->capextra) {
+        const int cap = ws->capextra ? 2 * ws->capextra : 64;
+        void **e = realloc(ws->extra, (size_t)cap * sizeof *e);
+        if (!e) return NULL;
+        ws->extra = e, ws->capextra = cap;
+    }
+    void *p = calloc(1, bytes);
+    if (p) ws->extra[ws->nextra++] = p;
+    return p;
+}
+
 static real *alloc_reals(int64_t n)
 {
     if (n <= 0) n = 1;
-    if ((uint64_t)n > SIZE_MAX / sizeof(real)) return NULL;
-    return calloc((size_t)n, sizeof(real));
+    if ((uint64_t)n > (SIZE_MAX - 64) / sizeof(real)) return NULL;
+    return ws_cur ? ws_alloc(ws_cur, (size_t)n * sizeof(real)) : calloc((size_t)n, sizeof(real));
+}
+
+/* releases what alloc_reals gave when there is no workspace (else ws_end does) */
+static void free_reals(void *p)
+{
+    if (!ws_cur) free(p);
+}
+
+static void ws_begin(kla_ws *ws)
+{
+    ws_cur = ws;
+    if (ws) ws->used = ws->need = 0;
+}
+
+static void ws_end(kla_ws *ws)
+{
+    ws_cur = NULL;
+    if (!ws) return;
+    for (int i = 0; i < ws->nextra; i++) free(ws->extra[i]);
+    ws->nextra = 0;
+    if (ws->need > ws->cap) { /* next time everything fits */
+        free(ws->base);
+        ws->base = aligned_alloc(64, ws->need);
+        ws->cap = ws->base ? ws->need : 0;
+    }
 }
 
 /* ---- 1. matrix products: the only matrix-shaped work ------------------------------------ */
+
+#if defined(KLA_MODEL_FAST)
+/* [lo, hi) of n for part t of nt, in multiples of 16 */
+static void split(int64_t n, int t, int nt, int64_t *lo, int64_t *hi)
+{
+    const int64_t blocks = (n + 15) / 16;
+    *lo = blocks * t / nt * 16, *hi = blocks * (t + 1) / nt * 16;
+    if (*lo > n) *lo = n;
+    if (*hi > n) *hi = n;
+}
+#ifdef _OPENMP
+#define PAR_PARTS _Pragma("omp parallel num_threads(n_threads)")
+#define PART_ID omp_get_thread_num()
+#define PART_COUNT omp_get_num_threads()
+#else
+#define PAR_PARTS
+#define PART_ID 0
+#define PART_COUNT 1
+#endif
+#endif
 
 /* out [N, M] (+)= in [N, K] W^T, W [M, K] */
 static void matmul_nt(real *out, const real *in, const real *W, int64_t N, int64_t M, int64_t K, int acc)
 {
 #if defined(KLA_MODEL_FAST)
     if (N && M && K)
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)N, (int)M, (int)K, 1.0f, in, (int)K, W,
-                    (int)K, acc ? 1.0f : 0.0f, out, (int)M);
+        PAR_PARTS
+        {
+            int64_t n0, n1; /* rows of out */
+            split(N, PART_ID, PART_COUNT, &n0, &n1);
+            if (n1 > n0)
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)(n1 - n0), (int)M, (int)K, 1.0f,
+                            in + n0 * K, (int)K, W, (int)K, acc ? 1.0f : 0.0f, out + n0 * M, (int)M);
+        }
 #else
     for (int64_t n = 0; n < N; n++)
         for (int64_t m = 0; m < M; m++) {
@@ -105,8 +182,14 @@ static void matmul_nn_acc(real *din, const real *dout, const real *W, int64_t N,
 {
 #if defined(KLA_MODEL_FAST)
     if (N && M && K)
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)N, (int)K, (int)M, 1.0f, dout, (int)M, W,
-                    (int)K, 1.0f, din, (int)K);
+        PAR_PARTS
+        {
+            int64_t n0, n1; /* rows of din */
+            split(N, PART_ID, PART_COUNT, &n0, &n1);
+            if (n1 > n0)
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)(n1 - n0), (int)K, (int)M, 1.0f,
+                            dout + n0 * M, (int)M, W, (int)K, 1.0f, din + n0 * K, (int)K);
+        }
 #else
     for (int64_t n = 0; n < N; n++)
         for (int64_t m = 0; m < M; m++) {
@@ -121,8 +204,14 @@ static void matmul_tn_acc(real *dW, const real *dout, const real *in, int64_t N,
 {
 #if defined(KLA_MODEL_FAST)
     if (N && M && K)
-        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)M, (int)K, (int)N, 1.0f, dout, (int)M, in,
-                    (int)K, 1.0f, dW, (int)K);
+        PAR_PARTS
+        {
+            int64_t m0, m1; /* rows of dW */
+            split(M, PART_ID, PART_COUNT, &m0, &m1);
+            if (m1 > m0)
+                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)(m1 - m0), (int)K, (int)N, 1.0f, dout + m0,
+                            (int)M, in, (int)K, 1.0f, dW + m0 * K, (int)K);
+        }
 #else
     for (int64_t n = 0; n < N; n++)
         for (int64_t m = 0; m < M; m++) {
@@ -187,7 +276,7 @@ static int rmsnorm_rows_backward(const real *x, const real *w, const real *rstd,
     for (int64_t r = 0; r < N; r++) rmsnorm_backward(x + r * n, w, rstd[r], dy + r * n, dx + r * n, dwr + r * n, n);
     for (int64_t r = 0; r < N; r++)
         for (int64_t i = 0; i < n; i++) dw[i] += dwr[r * n + i];
-    free(dwr);
+    free_reals(dwr);
     return 0;
 }
 
@@ -266,7 +355,7 @@ typedef struct mixer_acts {
 static void mixer_acts_free(mixer_acts *a)
 {
     real **p = (real **)a;
-    for (size_t i = 0; i < sizeof *a / sizeof(real *); i++) free(p[i]);
+    for (size_t i = 0; i < sizeof *a / sizeof(real *); i++) free_reals(p[i]);
     memset(a, 0, sizeof *a);
 }
 
@@ -454,26 +543,40 @@ static int mixer_backward(const kla_mdims *m, const mixer_w *w, mixer_dw *dw, co
     }
     r = 0;
 done:
-    free(dz), free(dzg), free(dO), free(dq), free(dk), free(dv_), free(dg), free(deta), free(dpre), free(dp);
-    free(dn), free(dnr);
+    free_reals(dz), free_reals(dzg), free_reals(dO), free_reals(dq), free_reals(dk), free_reals(dv_);
+    free_reals(dg), free_reals(deta), free_reals(dpre), free_reals(dp), free_reals(dn), free_reals(dnr);
     return r;
 }
 
-/* the fast path's threads: the context's count (KlaParams.threads), else all cores */
+/* The fast path's threads: the context's count (KlaParams.threads), else all cores. Each
+ * product is split over them by OpenMP and OpenBLAS runs single-threaded inside: its own
+ * threads and OpenMP's would otherwise spin against each other on every core. */
+#if defined(KLA_MODEL_FAST) && defined(_OPENMP)
+static _Thread_local int blas_threads; /* OpenBLAS's setting, restored at the end */
+#endif
 static void use_threads(const kla_mdims *m)
 {
 #if defined(KLA_MODEL_FAST) && defined(_OPENMP)
     n_threads = m->threads > 0 ? m->threads : omp_get_num_procs();
-    openblas_set_num_threads(n_threads);
+    blas_threads = openblas_get_num_threads();
+    openblas_set_num_threads(1);
 #else
     (void)m;
 #endif
 }
 
+static void end_threads(void)
+{
+#if defined(KLA_MODEL_FAST) && defined(_OPENMP)
+    openblas_set_num_threads(blas_threads);
+#endif
+}
+
 int MDL(layer_backward)(const kla_mdims *m, const real *w, real *dw, const kla_mseqs *s, const real *x,
-                        const real *dy, real *y, real *dx, KlaContext *op)
+                        const real *dy, real *y, real *dx, KlaContext *op, kla_ws *ws)
 {
     use_threads(m);
+    ws_begin(ws);
     mixer_w W;
     mixer_dw DW;
     mixer_acts a;
@@ -487,6 +590,8 @@ int MDL(layer_backward)(const kla_mdims *m, const real *w, real *dw, const kla_m
         r = mixer_backward(m, &W, &DW, s, x, &a, dy, dx, op);
     }
     mixer_acts_free(&a);
+    end_threads();
+    ws_end(ws);
     return r;
 }
 
@@ -504,8 +609,8 @@ typedef struct block_acts {
 
 static void block_acts_free(block_acts *b)
 {
-    free(b->xin), free(b->n1), free(b->rstd1), free(b->xmid), free(b->n2), free(b->rstd2);
-    free(b->h1), free(b->h2), free(b->hm);
+    free_reals(b->xin), free_reals(b->n1), free_reals(b->rstd1), free_reals(b->xmid), free_reals(b->n2);
+    free_reals(b->rstd2), free_reals(b->h1), free_reals(b->h2), free_reals(b->hm);
     mixer_acts_free(&b->mix);
 }
 
@@ -578,7 +683,7 @@ static int head_block(const kla_mdims *m, const real *E, const real *xf, const i
     double *lr = malloc((size_t)(nr ? nr : 1) * sizeof *lr);
     int64_t *cr = malloc((size_t)(nr ? nr : 1) * sizeof *cr);
     if (!xr || !logits || !lr || !cr) {
-        free(xr), free(logits), free(lr), free(cr);
+        free_reals(xr), free_reals(logits), free(lr), free(cr);
         return KLA_ENOMEM;
     }
     for (int64_t i = 0; i < nr; i++) memcpy(xr + i * d, xf + rows[i] * d, (size_t)d * sizeof(real));
@@ -593,13 +698,13 @@ static int head_block(const kla_mdims *m, const real *E, const real *xf, const i
             if (z[j] > z[am]) am = j;
         const real zmax = z[am];
         double se = 0;
-        for (int64_t j = 0; j < V; j++) se += exp((double)(z[j] - zmax));
+        for (int64_t j = 0; j < V; j++) se += (double)r_exp(z[j] - zmax);
         lr[i] = lab < 0 ? 0 : log(se) + (double)zmax - (double)z[lab];
         cr[i] = lab >= 0 && am == lab;
         /* dlogits, in place: (softmax - onehot) / nlab at labelled rows, 0 elsewhere */
         if (dxf) {
             for (int64_t j = 0; j < V; j++)
-                z[j] = lab < 0 ? 0 : (real)(exp((double)(z[j] - zmax)) / se / (double)nlab);
+                z[j] = lab < 0 ? 0 : (real)((double)r_exp(z[j] - zmax) / se / (double)nlab);
             if (lab >= 0) z[lab] -= (real)(1.0 / (double)nlab);
         }
     }
@@ -608,16 +713,16 @@ static int head_block(const kla_mdims *m, const real *E, const real *xf, const i
         /* xf E^T:  dxf (the gathered rows) = dlogits E;  dE += dlogits^T xf */
         real *dxr = alloc_reals(nr * d);
         if (!dxr) {
-            free(xr), free(logits), free(lr), free(cr);
+            free_reals(xr), free_reals(logits), free(lr), free(cr);
             return KLA_ENOMEM;
         }
         matmul_nn_acc(dxr, logits, E, nr, V, d);
         matmul_tn_acc(dE, logits, xr, nr, V, d);
         for (int64_t i = 0; i < nr; i++)
             for (int64_t j = 0; j < d; j++) dxf[rows[i] * d + j] += dxr[i * d + j];
-        free(dxr);
+        free_reals(dxr);
     }
-    free(xr), free(logits), free(lr), free(cr);
+    free_reals(xr), free_reals(logits), free(lr), free(cr);
     return 0;
 }
 
@@ -638,13 +743,14 @@ static int head_loss(const kla_mdims *m, const real *E, const real *xf, const in
 }
 
 int MDL(model_loss)(const kla_mdims *m, const real *w, real *grad, int64_t B, int64_t T, const int64_t *ids,
-                    const int64_t *labels, int labelled_only, KlaContext *op, double *loss, int64_t *correct,
-                    int64_t *nlab)
+                    const int64_t *labels, int labelled_only, KlaContext *op, kla_ws *ws, double *loss,
+                    int64_t *correct, int64_t *nlab)
 {
     const int64_t rows = B * T, d = m->d, F = m->F, L = m->L;
     int64_t total;
     kla_mparams(m, NULL, 0, &total);
     use_threads(m);
+    ws_begin(ws);
     /* a forward alone (evaluation) keeps no block's activations for a backward: one set
      * serves every block in turn, so its memory does not grow with the blocks */
     const int64_t nacts = grad ? L : 1;
@@ -746,8 +852,11 @@ int MDL(model_loss)(const kla_mdims *m, const real *w, real *grad, int64_t B, in
     r = 0;
 done:
     for (int64_t l = 0; acts && l < nacts; l++) block_acts_free(&acts[l]);
-    free(acts), free(cu), free(hrows), free(x), free(xf), free(rstdf), free(dx), free(dtmp), free(dh);
+    free(acts), free(cu), free(hrows), free_reals(x), free_reals(xf), free_reals(rstdf), free_reals(dx);
+    free_reals(dtmp), free_reals(dh);
     free(W.blocks), free(DW.blocks);
+    end_threads();
+    ws_end(ws);
     return r;
 }
 

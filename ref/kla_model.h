@@ -46,6 +46,17 @@ int kla_mparams(const kla_mdims *m, kla_mparam *out, int max, int64_t *total);
 /* Index of a parameter of block l (or of the layer: l = 0) in the table. */
 int kla_mparam_index(const kla_mdims *m, int l, int which);
 
+/* A workspace kept by the caller between calls: the activations and scratch of a step
+ * come from it (zeroed), so that a training loop does not map and fault in fresh pages
+ * every step. It grows to the largest call's need; kla_ws_free releases it. */
+typedef struct kla_ws {
+    unsigned char *base;
+    size_t cap, used, need; /* need: this call's total, to grow to */
+    void **extra;           /* allocations beyond cap in this call */
+    int nextra, capextra;
+} kla_ws;
+void kla_ws_free(kla_ws *ws);
+
 /* Sequences of a call: [N + 1] offsets into the B*T rows (cu_seqlens, or B rows of T). */
 typedef struct kla_mseqs {
     const int64_t *cu;
@@ -56,14 +67,16 @@ typedef struct kla_mseqs {
     /* one mixer layer: y = mixer(x) for x [rows, d]; with dy, the gradients of sum(dy * y): \
      * dx and dw (accumulated into, zero them first). w, dw: the layer's block. */           \
     int kla_layer_backward_##sfx(const kla_mdims *m, const R *w, R *dw, const kla_mseqs *s,   \
-                                 const R *x, const R *dy, R *y, R *dx, KlaContext *op);       \
+                                 const R *x, const R *dy, R *y, R *dx, KlaContext *op,        \
+                                 kla_ws *ws);                                                 \
     /* forward and loss of the model on ids, labels [B, T] (label -100: ignored); with      \
      * grad != NULL also the backward (grad zeroed here). labelled_only: the head only at   \
      * labelled rows (same loss and gradients, and so no accuracy over all rows).           \
      * loss: the mean cross-entropy; correct: argmax == label count; nlab: labels. */       \
     int kla_model_loss_##sfx(const kla_mdims *m, const R *w, R *grad, int64_t B, int64_t T,  \
                              const int64_t *ids, const int64_t *labels, int labelled_only,   \
-                             KlaContext *op, double *loss, int64_t *correct, int64_t *nlab); \
+                             KlaContext *op, kla_ws *ws, double *loss, int64_t *correct,     \
+                             int64_t *nlab);                                                 \
     /* sum of squares of g [n], in double */                                                 \
     double kla_sumsq_##sfx(const R *g, int64_t n);                                           \
     /* one AdamW step (PyTorch's) on n parameters with gradients already scaled by clip_scale \

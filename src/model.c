@@ -105,7 +105,15 @@ struct KlaModel {
     int64_t steps;
     int has_grad;  /* a backward has filled the gradients */
     atomic_int busy;
+    kla_ws ws;     /* the activations and scratch of a call, kept for the next */
 };
+
+void kla_ws_free(kla_ws *ws)
+{
+    free(ws->base);
+    free(ws->extra);
+    memset(ws, 0, sizeof *ws);
+}
 
 static size_t esize(KlaDtype d) { return d == KLA_F64 ? 8 : 4; }
 
@@ -169,6 +177,7 @@ void kla_model_free(KlaModel **m)
 {
     if (!m || !*m) return;
     for (int i = 0; i < 4; i++) free((*m)->part[i]);
+    kla_ws_free(&(*m)->ws);
     free((*m)->tab);
     free(*m);
     *m = NULL;
@@ -275,6 +284,11 @@ int kla_model_write(KlaModel *m, KlaModelPart part, int i, KlaIn src)
 }
 
 int64_t kla_model_steps(const KlaModel *m) { return m ? m->steps : 0; }
+
+int64_t kla_model_bytes(const KlaModel *m)
+{
+    return m ? 4 * m->total * (int64_t)esize(m->dt) + (int64_t)m->ws.cap : 0;
+}
 
 int kla_model_set_steps(KlaModel *m, int64_t steps)
 {
@@ -422,15 +436,15 @@ int kla_model_loss(KlaModel *m, const KlaBatch *b, int backward, KlaLoss *out)
     void *w = m->part[KLA_PART_PARAM], *g = backward ? m->part[KLA_PART_GRAD] : NULL;
     memset(out, 0, sizeof *out);
     if (m->variant == V_F64)
-        r = kla_model_loss_f64(&m->dims, w, g, b->B, b->T, ids, labels, 0, m->ctx, &out->loss, &out->correct,
+        r = kla_model_loss_f64(&m->dims, w, g, b->B, b->T, ids, labels, 0, m->ctx, &m->ws, &out->loss, &out->correct,
                                &out->labelled);
 #ifdef KLA_HAVE_MODEL_FAST
     else if (m->variant == V_FAST)
-        r = kla_model_loss_fast(&m->dims, w, g, b->B, b->T, ids, labels, 1, m->ctx, &out->loss, &out->correct,
+        r = kla_model_loss_fast(&m->dims, w, g, b->B, b->T, ids, labels, 1, m->ctx, &m->ws, &out->loss, &out->correct,
                                 &out->labelled);
 #endif
     else
-        r = kla_model_loss_f32(&m->dims, w, g, b->B, b->T, ids, labels, 0, m->ctx, &out->loss, &out->correct,
+        r = kla_model_loss_f32(&m->dims, w, g, b->B, b->T, ids, labels, 0, m->ctx, &m->ws, &out->loss, &out->correct,
                                &out->labelled);
     if (r == 0 && !isfinite(out->loss))
         r = kla__fail(m->ctx, KLA_ERANGE, "loss: %g (not finite)", out->loss);
@@ -566,11 +580,11 @@ int kla_layer_backward(KlaModel *m, int64_t B, int64_t T, KlaIn x, KlaIn dy, Kla
     const kla_mseqs s = { cu, N };
     void *w = m->part[KLA_PART_PARAM], *g = m->part[KLA_PART_GRAD];
     if (dy.data) memset(g, 0, (size_t)m->total * es);
-    if (m->variant == V_F64) r = kla_layer_backward_f64(&m->dims, w, g, &s, xb, dyb, yb, dxb, m->ctx);
+    if (m->variant == V_F64) r = kla_layer_backward_f64(&m->dims, w, g, &s, xb, dyb, yb, dxb, m->ctx, &m->ws);
 #ifdef KLA_HAVE_MODEL_FAST
-    else if (m->variant == V_FAST) r = kla_layer_backward_fast(&m->dims, w, g, &s, xb, dyb, yb, dxb, m->ctx);
+    else if (m->variant == V_FAST) r = kla_layer_backward_fast(&m->dims, w, g, &s, xb, dyb, yb, dxb, m->ctx, &m->ws);
 #endif
-    else r = kla_layer_backward_f32(&m->dims, w, g, &s, xb, dyb, yb, dxb, m->ctx);
+    else r = kla_layer_backward_f32(&m->dims, w, g, &s, xb, dyb, yb, dxb, m->ctx, &m->ws);
     if (r) goto done;
     for (int64_t i = 0; i < n; i++) {
         const double a = get(yb, m->dt, i), c = dy.data ? get(dxb, m->dt, i) : 0;

@@ -39,6 +39,7 @@
 #endif
 
 #include "bench.h"
+#include "bench_train.h"
 #include "kla.h"
 
 typedef struct bopt {
@@ -46,6 +47,9 @@ typedef struct bopt {
     long T, B, H, V, K, N, reps, ref_T, chunk;
     int threads, algo, json;
     unsigned cpu;
+    long vocab, d_model, n_layer, d_ff; /* --op train */
+    int gdn, scaling;
+    unsigned set; /* which of --T --B --H --K --V --reps were given */
 } bopt;
 
 static double now(void)
@@ -523,6 +527,11 @@ static int usage(const char *msg)
             "       kla bench --in FILE [--backend B] [--threads n] [--algo A] [--chunk C] [--reps n]\n"
             "                 [--cpu MASK] [--op forward|backward]\n"
             "  forward/backward on B x T tokens of H heads (K, V), decode of 1 and N sequences.\n"
+            "       kla bench --op train [--B n] [--T n] [--H n] [--K n] [--V n] [--d-model n]\n"
+            "                 [--n-layer n] [--d-ff n] [--vocab n] [--mixer kla|gdn] [--scaling] [--reps n]\n"
+            "  --op train   a training step of the model (default the KLA authors' MQAR size, B 32 x\n"
+            "               T 256): step time, matrix FLOP/s against OpenBLAS sgemm, memory;\n"
+            "               --scaling adds memory and time at T/2, 2T and B/2, 2B\n"
             "  --in FILE    time forward (and backward, when FILE has do) on the problem of FILE\n"
             "  --cpu MASK   allowed CPU levels: a number (1 AVX2+FMA, 2 AVX-512, 4 NEON, 0 plain C)\n"
             "               or names joined by ',' (avx2, avx512, neon, none)\n"
@@ -532,16 +541,24 @@ static int usage(const char *msg)
 
 int kla_bench_main(int argc, char **argv)
 {
-    bopt b = { "simd", "all", NULL, 4096, 1, 16, 128, 128, 16, 5, 0, 64, 0, KLA_ALGO_AUTO, 0, KLA_CPU_ALL };
+    bopt b = { "simd", "all", NULL, 4096, 1, 16, 128, 128, 16, 5, 0, 64, 0, KLA_ALGO_AUTO, 0, KLA_CPU_ALL, 0, 0, 0, 0, 0, 0, 0 };
     if (kla_backend_available("simd") != 1) b.backend = NULL;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         long *lp = !strcmp(a, "--T") ? &b.T : !strcmp(a, "--B") ? &b.B : !strcmp(a, "--H") ? &b.H
                  : !strcmp(a, "--K") ? &b.K : !strcmp(a, "--V") ? &b.V : !strcmp(a, "--N") ? &b.N
                  : !strcmp(a, "--reps") ? &b.reps : !strcmp(a, "--ref-T") ? &b.ref_T
-                 : !strcmp(a, "--chunk") ? &b.chunk : NULL;
+                 : !strcmp(a, "--chunk") ? &b.chunk : !strcmp(a, "--vocab") ? &b.vocab
+                 : !strcmp(a, "--d-model") ? &b.d_model : !strcmp(a, "--n-layer") ? &b.n_layer
+                 : !strcmp(a, "--d-ff") ? &b.d_ff : NULL;
+        if (lp) b.set |= lp == &b.T ? 1u : lp == &b.B ? 2u : lp == &b.H ? 4u : lp == &b.K ? 8u : lp == &b.V ? 16u
+                       : lp == &b.reps ? 32u : 0u;
         if (!strcmp(a, "--json")) {
             b.json = 1;
+            continue;
+        }
+        if (!strcmp(a, "--scaling")) {
+            b.scaling = 1;
             continue;
         }
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) return usage(NULL), 0;
@@ -562,6 +579,9 @@ int kla_bench_main(int argc, char **argv)
             b.backend = v;
         } else if (!strcmp(a, "--op")) {
             b.op = v;
+        } else if (!strcmp(a, "--mixer")) {
+            if (strcmp(v, "kla") && strcmp(v, "gdn")) return usage("bad --mixer (kla or gdn)");
+            b.gdn = !strcmp(v, "gdn");
         } else if (!strcmp(a, "--algo")) {
             if (!strcmp(v, "auto")) b.algo = KLA_ALGO_AUTO;
             else if (!strcmp(v, "recurrent")) b.algo = KLA_ALGO_RECURRENT;
@@ -571,6 +591,25 @@ int kla_bench_main(int argc, char **argv)
             return usage("unknown option");
         }
         i++;
+    }
+    if (!strcmp(b.op, "train")) {
+        /* the KLA authors' MQAR model and batch unless given */
+        KlaModelConfig c;
+        kla_default_model_config(&c);
+        if (b.vocab) c.vocab = b.vocab;
+        if (b.d_model) c.d_model = b.d_model;
+        if (b.n_layer) c.n_layer = b.n_layer;
+        if (b.d_ff) c.d_ff = b.d_ff;
+        if (b.set & 4u) c.n_head = b.H;
+        if (b.set & 8u) c.d_k = b.K;
+        if (b.set & 16u) c.d_v = b.V;
+        c.mixer = b.gdn ? KLA_MIXER_GDN : KLA_MIXER_KLA;
+        KlaContext *tctx = open_ctx(b.backend, b.threads, b.cpu);
+        if (!tctx) return 1;
+        const int r = bench_train(tctx, &c, b.set & 2u ? b.B : 32, b.set & 1u ? b.T : 256,
+                                  (int)(b.set & 32u ? b.reps : 5), b.json, b.scaling);
+        kla_close(&tctx);
+        return r;
     }
     const int all = !strcmp(b.op, "all"), do_fwd = all || !strcmp(b.op, "forward");
     const int do_bwd = all || !strcmp(b.op, "backward"), do_dec = all || !strcmp(b.op, "decode");
