@@ -1,6 +1,6 @@
 #!/bin/sh
 # tests/neon.sh: cross-build libkla for aarch64 (NEON level of the simd backend) into
-# build-aarch64 and run the reference tests and checkkla under qemu-aarch64, printing
+# build-aarch64 and run the reference tests (operator and training step) and checkkla under qemu-aarch64, printing
 # their TAP. Needs gcc-aarch64-linux-gnu, libc6-dev-arm64-cross and qemu-user.
 # Usage: sh tests/neon.sh [checkkla options, e.g. --seed N]. Exit status: 0 when all pass.
 set -u
@@ -23,11 +23,13 @@ if [ ! -f "$BUILD/build.ninja" ]; then
         -Dvulkan=disabled -Dsimd=enabled -Dopenmp=$omp >"${TMPDIR:-/tmp}/kla-neon-setup.$$" 2>&1 ||
         { cat "${TMPDIR:-/tmp}/kla-neon-setup.$$"; echo "Bail out! meson setup failed"; exit 1; }
 fi
-ninja -C "$BUILD" tests/test_ref tests/checkkla >/dev/null || { echo "Bail out! build failed"; exit 1; }
+ninja -C "$BUILD" tests/test_ref tests/test_model tests/checkkla >/dev/null || { echo "Bail out! build failed"; exit 1; }
 
 status=0
 echo "# test_ref (aarch64, qemu)"
 $QEMU "$BUILD/tests/test_ref" || status=1
+echo "# test_model (aarch64, qemu): the training step's reference"
+$QEMU "$BUILD/tests/test_model" || status=1
 echo "# checkkla (aarch64, qemu): levels c and neon"
 $QEMU "$BUILD/tests/checkkla" "$@" || status=1
 exit $status
