@@ -114,6 +114,10 @@ typedef struct KlaShape {
 typedef enum KlaMode { KLA_MODE_KLA = 0, KLA_MODE_GDN = 1 } KlaMode;
 typedef enum KlaStateLayout { KLA_LAYOUT_KV = 0, KLA_LAYOUT_VK = 1 } KlaStateLayout;
 typedef enum KlaAlgo { KLA_ALGO_AUTO = 0, KLA_ALGO_RECURRENT = 1, KLA_ALGO_CHUNK = 2 } KlaAlgo;
+/* The family (kla-spec.md section 7): decay per value head (GDN, KLA) or per key channel
+ * (KDA); no preconditioner, or the diagonal ATK preconditioner (PDN, PGDN, PKDA). */
+typedef enum KlaGate { KLA_GATE_HEAD = 0, KLA_GATE_CHANNEL = 1 } KlaGate;
+typedef enum KlaPrecond { KLA_PRECOND_NONE = 0, KLA_PRECOND_ATK = 1 } KlaPrecond;
 
 /* KlaOptions.scale when unset: K^-1/2. Any other value, 0 included, is used as given. */
 #define KLA_SCALE_DEFAULT ((double)NAN)
@@ -127,6 +131,10 @@ typedef struct KlaOptions {
     KlaStateLayout state_layout; /* h0/ht/state as [.., K, V] (KV) or [.., V, K] (VK). Default KV */
     KlaAlgo algo;                /* recurrent, chunk, or AUTO (the backend's faster one). Default AUTO */
     int chunk_size;              /* 16, 32, 64 or 128. Default 64 */
+    KlaGate gate;                /* HEAD: g [.., HV]; CHANNEL: g [.., HV, K]. Default HEAD */
+    KlaPrecond precond;          /* NONE or ATK (needs beta_atk). Default NONE */
+    double squash_x;             /* ATK squash: the preconditioner lies in (1/x, x); > 1. Default 1.5 */
+    double squash_eps;           /* ATK: r = ln(a + squash_eps) - log_atk_scale; > 0. Default 1e-6 */
 } KlaOptions;
 
 KLA_API void kla_default_options(KlaOptions *opt);
@@ -135,10 +143,14 @@ KLA_API void kla_default_options(KlaOptions *opt);
  * All tensors of one call. Shapes (row-major):
  *   q, k, dq, dk        [B, T, H, K]
  *   v, o, dout, dv      [B, T, HV, V]
- *   g, eta, beta, dg, deta, dbeta   [B, T, HV]
+ *   g, eta, beta, dg, deta, dbeta   [B, T, HV]  (g, dg: [B, T, HV, K] with KLA_GATE_CHANNEL)
  *   h0, ht, dht, dh0    [N, HV, K, V]  ([N, HV, V, K] with KLA_LAYOUT_VK)
  *   cu_seqlens          [N + 1], int32 or int64, cu[0] = 0, non-decreasing, cu[N] = T
- *   decode: q, k [N, H, K]; v, o [N, HV, V]; g, eta, beta [N, HV]; state [N, HV, K, V]
+ *   precond ATK: g_atk, beta_atk, dg_atk, dbeta_atk [B, T, H]; log_atk_scale,
+ *                dlog_atk_scale [H]; a0, at, dat, da0, astate [N, H, K]
+ *   decode: q, k [N, H, K]; v, o [N, HV, V]; g, eta, beta [N, HV] (g [N, HV, K] per
+ *           channel); g_atk, beta_atk [N, H]; state [N, HV, K, V]; astate [N, H, K]
+ * With precond NONE every ATK tensor must be absent.
  */
 typedef struct KlaTensors {
     /* inputs */
@@ -150,6 +162,11 @@ typedef struct KlaTensors {
     KlaIn cu_seqlens; /* optional variable-length packing (B must be 1) */
     KlaIn dout;       /* backward: gradient of the loss with respect to o (required) */
     KlaIn dht;        /* backward: gradient with respect to ht (optional: zeros) */
+    KlaIn g_atk;      /* ATK: log decay of the ATK state, optional (zeros), <= 0 */
+    KlaIn beta_atk;   /* ATK: required, the ATK state's write strength */
+    KlaIn log_atk_scale; /* ATK: optional (each -0.2) */
+    KlaIn a0;         /* ATK: optional initial ATK state (zeros) */
+    KlaIn dat;        /* ATK backward: gradient with respect to at (optional: zeros) */
     /* outputs */
     KlaOut o;         /* forward, backward, decode: required */
     KlaOut ht;        /* forward, backward: optional final states */
@@ -157,8 +174,11 @@ typedef struct KlaTensors {
     KlaOut dg;          /* backward: optional (allowed without g: the gradient at g = 0) */
     KlaOut deta, dbeta; /* backward: the one matching the mode is required */
     KlaOut dh0;         /* backward: optional (allowed without h0: the gradient at h0 = 0) */
+    KlaOut at;          /* ATK, forward and backward: optional final ATK states */
+    KlaOut dg_atk, dbeta_atk, dlog_atk_scale, da0; /* ATK backward: optional */
     /* decode only: states of the N sequences, read and updated in place */
     KlaOut state;
+    KlaOut astate;      /* decode with ATK: the ATK states [N, H, K], read and updated */
 } KlaTensors;
 
 /* ---- context ---------------------------------------------------------------------- */

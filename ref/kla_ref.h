@@ -12,8 +12,9 @@
 #include <stdint.h>
 
 /* What one call computes. Tokens of all sequences form one flattened stream of
- * `total` tokens: q, k [total, H, K]; v, o [total, HV, V]; g, a [total, HV];
- * states [N, HV, K, V]. Sequence n is tokens cu[n] .. cu[n+1]-1. */
+ * `total` tokens: q, k [total, H, K]; v, o [total, HV, V]; a [total, HV]; g [total, HV]
+ * (gate head) or [total, HV, K] (gate channel); states [N, HV, K, V]; the ATK state
+ * [N, H, K]. Sequence n is tokens cu[n] .. cu[n+1]-1. */
 typedef struct kla_problem {
     int64_t N, H, HV, K, V;
     const int64_t *cu; /* [N + 1], cu[0] = 0, non-decreasing, cu[N] = total */
@@ -24,20 +25,33 @@ typedef struct kla_problem {
     int l2norm_q, l2norm_k;
     int chunk;         /* chunk size of the chunkwise algorithm */
     int threads;       /* for threaded backends; the reference ignores it */
+    int gate;          /* KLA_GATE_HEAD or KLA_GATE_CHANNEL (g per key channel) */
+    int precond;       /* KLA_PRECOND_NONE or KLA_PRECOND_ATK (the diagonal preconditioner) */
+    double squash_x, squash_eps; /* the ATK squash: m in (1/x, x) */
 } kla_problem;
 
-/* algo: KLA_ALGO_RECURRENT or KLA_ALGO_CHUNK. Optional pointers may be NULL:
- * g (no decay), h0 (zeros), ht, dht (zeros), dg, dh0. Return 0 or KLA_ENOMEM. */
-#define KLA_REF_DECLARE(R, sfx)                                                          \
-    int kla_ref_forward_##sfx(const kla_problem *p, int algo, const R *q, const R *k,    \
-                              const R *v, const R *g, const R *a, const R *h0, R *o,     \
-                              R *ht);                                                    \
-    int kla_ref_backward_##sfx(const kla_problem *p, int algo, const R *q, const R *k,   \
-                               const R *v, const R *g, const R *a, const R *h0,          \
-                               const R *dout, const R *dht, R *o, R *ht, R *dq, R *dk,   \
-                               R *dv, R *dg, R *da, R *dh0);                             \
-    int kla_ref_decode_##sfx(const kla_problem *p, const R *q, const R *k, const R *v,   \
-                             const R *g, const R *a, R *state, R *o);
+/* One call's tensors. Optional inputs may be NULL: g (no decay), h0 (zeros), dht
+ * (zeros), g_atk (zeros), log_atk_scale (each -0.2), a0 (zeros), dat (zeros); optional
+ * outputs too: ht, at, dg, dh0, dg_atk, dbeta_atk, dlog_atk_scale, da0. beta_atk is
+ * required with precond ATK. Shapes: g_atk, beta_atk [total, H]; log_atk_scale [H];
+ * a0, at, dat, da0, astate [N, H, K]. decode: state [N, HV, K, V] and (precond ATK)
+ * astate [N, H, K], read and updated. */
+#define KLA_REF_TENSORS(R)                                                                     \
+    struct {                                                                                   \
+        const R *q, *k, *v, *g, *a, *h0, *dout, *dht;                                          \
+        const R *g_atk, *beta_atk, *log_atk_scale, *a0, *dat;                                  \
+        R *o, *ht, *at, *dq, *dk, *dv, *dg, *da, *dh0;                                         \
+        R *dg_atk, *dbeta_atk, *dlog_atk_scale, *da0;                                          \
+        R *state, *astate;                                                                     \
+    }
+typedef KLA_REF_TENSORS(float) kla_ref_io_f32;
+typedef KLA_REF_TENSORS(double) kla_ref_io_f64;
+
+/* algo: KLA_ALGO_RECURRENT or KLA_ALGO_CHUNK. Return 0 or KLA_ENOMEM. */
+#define KLA_REF_DECLARE(R, sfx)                                                              \
+    int kla_ref_forward_##sfx(const kla_problem *p, int algo, const kla_ref_io_##sfx *x);    \
+    int kla_ref_backward_##sfx(const kla_problem *p, int algo, const kla_ref_io_##sfx *x);   \
+    int kla_ref_decode_##sfx(const kla_problem *p, const kla_ref_io_##sfx *x);
 
 KLA_REF_DECLARE(float, f32)
 KLA_REF_DECLARE(double, f64)

@@ -36,6 +36,10 @@ void kla_default_options(KlaOptions *opt)
     opt->state_layout = KLA_LAYOUT_KV;
     opt->algo = KLA_ALGO_AUTO;
     opt->chunk_size = 64;
+    opt->gate = KLA_GATE_HEAD;
+    opt->precond = KLA_PRECOND_NONE;
+    opt->squash_x = 1.5;
+    opt->squash_eps = 1e-6;
 }
 
 void kla_default_params(KlaParams *p)
@@ -295,6 +299,19 @@ static int check_options(KlaContext *ctx, const KlaOptions *o)
     if (o->chunk_size != 16 && o->chunk_size != 32 && o->chunk_size != 64 && o->chunk_size != 128)
         return kla__fail(ctx, KLA_EINVAL, "options: chunk size %d is not 16, 32, 64 or 128",
                          o->chunk_size);
+    if (o->gate != KLA_GATE_HEAD && o->gate != KLA_GATE_CHANNEL)
+        return kla__fail(ctx, KLA_EINVAL, "options: gate %d is neither HEAD nor CHANNEL", (int)o->gate);
+    if (o->precond != KLA_PRECOND_NONE && o->precond != KLA_PRECOND_ATK)
+        return kla__fail(ctx, KLA_EINVAL, "options: precond %d is neither NONE nor ATK", (int)o->precond);
+    /* the squash is read only with the preconditioner (options filled by hand before it
+     * existed hold zeros there) */
+    if (o->precond == KLA_PRECOND_ATK) {
+        if (!(isfinite(o->squash_x) && o->squash_x > 1))
+            return kla__fail(ctx, KLA_EINVAL, "options: squash_x %g must be finite and > 1 (the preconditioner "
+                             "lies in (1/squash_x, squash_x))", o->squash_x);
+        if (!(isfinite(o->squash_eps) && o->squash_eps > 0))
+            return kla__fail(ctx, KLA_EINVAL, "options: squash_eps %g must be finite and > 0", o->squash_eps);
+    }
     return 0;
 }
 
@@ -369,8 +386,9 @@ static int read_cu(KlaContext *ctx, const KlaIn *in, int64_t N, int64_t T, int64
 }
 
 /* The tensors of a call with their expected shapes (set by check_call). */
-enum { I_Q, I_K, I_V, I_G, I_A, I_H0, I_DO, I_DHT, NIN };
-enum { O_O, O_HT, O_DQ, O_DK, O_DV, O_DG, O_DA, O_DH0, O_STATE, NOUT };
+enum { I_Q, I_K, I_V, I_G, I_A, I_H0, I_DO, I_DHT, I_GATK, I_BATK, I_LATK, I_A0, I_DAT, NIN };
+enum { O_O, O_HT, O_DQ, O_DK, O_DV, O_DG, O_DA, O_DH0, O_AT, O_DGATK, O_DBATK, O_DLATK, O_DA0,
+       O_STATE, O_ASTATE, NOUT };
 
 typedef struct slot {
     const char *name, *dims;
@@ -394,22 +412,37 @@ static void set_slots(const sizes *z, const KlaOptions *o, int decode, slot in[N
     const int vk = o->state_layout == KLA_LAYOUT_VK;
     const int64_t a = vk ? z->V : z->K, b = vk ? z->K : z->V;
     const char *sd = vk ? "[N, HV, V, K]" : "[N, HV, K, V]";
-    const int kla = o->mode == KLA_MODE_KLA;
+    const int kla = o->mode == KLA_MODE_KLA, chan = o->gate == KLA_GATE_CHANNEL;
     if (decode) {
         set_slot(&in[I_Q], "q", "[N, H, K]", 3, z->N, z->H, z->K, 1, 0);
         set_slot(&in[I_K], "k", "[N, H, K]", 3, z->N, z->H, z->K, 1, 0);
         set_slot(&in[I_V], "v", "[N, HV, V]", 3, z->N, z->HV, z->V, 1, 0);
-        set_slot(&in[I_G], "g", "[N, HV]", 2, z->N, z->HV, 1, 1, 0);
+        if (chan) set_slot(&in[I_G], "g", "[N, HV, K]", 3, z->N, z->HV, z->K, 1, 0);
+        else set_slot(&in[I_G], "g", "[N, HV]", 2, z->N, z->HV, 1, 1, 0);
         set_slot(&in[I_A], kla ? "eta" : "beta", "[N, HV]", 2, z->N, z->HV, 1, 1, 0);
+        set_slot(&in[I_GATK], "g_atk", "[N, H]", 2, z->N, z->H, 1, 1, 0);
+        set_slot(&in[I_BATK], "beta_atk", "[N, H]", 2, z->N, z->H, 1, 1, 0);
         set_slot(&out[O_O], "o", "[N, HV, V]", 3, z->N, z->HV, z->V, 1, 0);
     } else {
         set_slot(&in[I_Q], "q", "[B, T, H, K]", 4, z->B, z->T, z->H, z->K, 0);
         set_slot(&in[I_K], "k", "[B, T, H, K]", 4, z->B, z->T, z->H, z->K, 0);
         set_slot(&in[I_V], "v", "[B, T, HV, V]", 4, z->B, z->T, z->HV, z->V, 0);
-        set_slot(&in[I_G], "g", "[B, T, HV]", 3, z->B, z->T, z->HV, 1, 0);
+        if (chan) set_slot(&in[I_G], "g", "[B, T, HV, K]", 4, z->B, z->T, z->HV, z->K, 0);
+        else set_slot(&in[I_G], "g", "[B, T, HV]", 3, z->B, z->T, z->HV, 1, 0);
         set_slot(&in[I_A], kla ? "eta" : "beta", "[B, T, HV]", 3, z->B, z->T, z->HV, 1, 0);
+        set_slot(&in[I_GATK], "g_atk", "[B, T, H]", 3, z->B, z->T, z->H, 1, 0);
+        set_slot(&in[I_BATK], "beta_atk", "[B, T, H]", 3, z->B, z->T, z->H, 1, 0);
         set_slot(&out[O_O], "o", "[B, T, HV, V]", 4, z->B, z->T, z->HV, z->V, 0);
     }
+    set_slot(&in[I_LATK], "log_atk_scale", "[H]", 1, z->H, 1, 1, 1, 0);
+    set_slot(&in[I_A0], "a0", "[N, H, K]", 3, z->N, z->H, z->K, 1, 0);
+    set_slot(&in[I_DAT], "dat", "[N, H, K]", 3, z->N, z->H, z->K, 1, 0);
+    set_slot(&out[O_AT], "at", "[N, H, K]", 3, z->N, z->H, z->K, 1, 0);
+    set_slot(&out[O_DGATK], "dg_atk", "[B, T, H]", 3, z->B, z->T, z->H, 1, 0);
+    set_slot(&out[O_DBATK], "dbeta_atk", "[B, T, H]", 3, z->B, z->T, z->H, 1, 0);
+    set_slot(&out[O_DLATK], "dlog_atk_scale", "[H]", 1, z->H, 1, 1, 1, 0);
+    set_slot(&out[O_DA0], "da0", "[N, H, K]", 3, z->N, z->H, z->K, 1, 0);
+    set_slot(&out[O_ASTATE], "astate", "[N, H, K]", 3, z->N, z->H, z->K, 1, 0);
     set_slot(&in[I_H0], "h0", sd, 4, z->N, z->HV, a, b, vk);
     set_slot(&in[I_DO], "do", "[B, T, HV, V]", 4, z->B, z->T, z->HV, z->V, 0);
     set_slot(&in[I_DHT], "dht", sd, 4, z->N, z->HV, a, b, vk);
@@ -417,7 +450,8 @@ static void set_slots(const sizes *z, const KlaOptions *o, int decode, slot in[N
     set_slot(&out[O_DQ], "dq", "[B, T, H, K]", 4, z->B, z->T, z->H, z->K, 0);
     set_slot(&out[O_DK], "dk", "[B, T, H, K]", 4, z->B, z->T, z->H, z->K, 0);
     set_slot(&out[O_DV], "dv", "[B, T, HV, V]", 4, z->B, z->T, z->HV, z->V, 0);
-    set_slot(&out[O_DG], "dg", "[B, T, HV]", 3, z->B, z->T, z->HV, 1, 0);
+    if (chan) set_slot(&out[O_DG], "dg", "[B, T, HV, K]", 4, z->B, z->T, z->HV, z->K, 0);
+    else set_slot(&out[O_DG], "dg", "[B, T, HV]", 3, z->B, z->T, z->HV, 1, 0);
     set_slot(&out[O_DA], kla ? "deta" : "dbeta", "[B, T, HV]", 3, z->B, z->T, z->HV, 1, 0);
     set_slot(&out[O_DH0], "dh0", sd, 4, z->N, z->HV, a, b, vk);
     set_slot(&out[O_STATE], "state", sd, 4, z->N, z->HV, a, b, vk);
@@ -425,9 +459,11 @@ static void set_slots(const sizes *z, const KlaOptions *o, int decode, slot in[N
 
 static void gather(const KlaTensors *t, int kla, KlaIn in[NIN], KlaOut out[NOUT])
 {
-    const KlaIn i[NIN] = { t->q, t->k, t->v, t->g, kla ? t->eta : t->beta, t->h0, t->dout, t->dht };
+    const KlaIn i[NIN] = { t->q, t->k, t->v, t->g, kla ? t->eta : t->beta, t->h0, t->dout, t->dht,
+                           t->g_atk, t->beta_atk, t->log_atk_scale, t->a0, t->dat };
     const KlaOut o[NOUT] = { t->o, t->ht, t->dq, t->dk, t->dv, t->dg, kla ? t->deta : t->dbeta,
-                             t->dh0, t->state };
+                             t->dh0, t->at, t->dg_atk, t->dbeta_atk, t->dlog_atk_scale, t->da0,
+                             t->state, t->astate };
     memcpy(in, i, sizeof i);
     memcpy(out, o, sizeof o);
 }
@@ -489,11 +525,56 @@ static int check_step(KlaContext *ctx, const sizes *z, const KlaOptions *o, cons
                     else snprintf(where, sizeof where, "b=%lld, t=%lld, hv=%lld", (long long)(r / z->T),
                                   (long long)(r % z->T), (long long)hv);
                     return kla__fail(ctx, KLA_ERANGE,
-                                     "tensor eta: the step size beta = eta / (||k||^2 + eps) is not finite at "
+                                     "tensor eta: the step size beta = eta / (%s + eps) is not finite at "
                                      "[%s]: eta = %g, ||k||^2 = %g, eps = %g (a zero key needs eps > 0)",
-                                     where, eta, nk, o->eps);
+                                     o->precond == KLA_PRECOND_ATK ? "k^T kw" : "||k||^2", where, eta, nk, o->eps);
                 }
             }
+    return 0;
+}
+
+/* Which tensors of the preconditioner a call takes: none without it; beta_atk always
+ * with it, the ATK state as a0/at outside decode and astate in decode. */
+static int check_atk_tensors(KlaContext *ctx, const KlaOptions *o, const KlaTensors *t, op_kind op)
+{
+    int r;
+    const int decode = op == OP_DECODE || op == OP_DECODE_STATE;
+    if (o->precond != KLA_PRECOND_ATK) {
+        const char *why = "without precond ATK (KlaOptions.precond)";
+        const struct { const char *name; const void *data; } x[] = {
+            { "g_atk", t->g_atk.data }, { "beta_atk", t->beta_atk.data }, { "log_atk_scale", t->log_atk_scale.data },
+            { "a0", t->a0.data }, { "dat", t->dat.data }, { "at", t->at.data }, { "dg_atk", t->dg_atk.data },
+            { "dbeta_atk", t->dbeta_atk.data }, { "dlog_atk_scale", t->dlog_atk_scale.data },
+            { "da0", t->da0.data }, { "astate", t->astate.data },
+        };
+        for (size_t i = 0; i < sizeof x / sizeof x[0]; i++)
+            if ((r = forbid(ctx, x[i].name, x[i].data, why))) return r;
+        return 0;
+    }
+    if (!t->beta_atk.data) return kla__fail(ctx, KLA_EINVAL, "tensor beta_atk: missing (precond atk)");
+    if ((r = NEED_IN(beta_atk, 1)) || (r = NEED_IN(g_atk, 0)) || (r = NEED_IN(log_atk_scale, 0)) ||
+        (r = NEED_IN(a0, 0)))
+        return r;
+    if (decode) {
+        if ((r = forbid(ctx, "a0", t->a0.data, "in decode (the ATK state is t->astate)")) ||
+            (r = forbid(ctx, "at", t->at.data, "in decode (the ATK state is updated in place)")))
+            return r;
+        if (op == OP_DECODE_STATE)
+            return kla__fail(ctx, KLA_ENOSYS, "KlaState: does not hold the ATK state of precond atk yet; "
+                             "use kla_decode with t->astate");
+        if (!t->astate.data) return kla__fail(ctx, KLA_EINVAL, "tensor astate: missing (decode with precond atk)");
+        if ((r = NEED_OUT(astate, 1))) return r;
+    } else if ((r = forbid(ctx, "astate", t->astate.data, "outside decode")) || (r = NEED_OUT(at, 0))) {
+        return r;
+    }
+    if (op == OP_BACKWARD)
+        return (r = NEED_IN(dat, 0)) || (r = NEED_OUT(dg_atk, 0)) || (r = NEED_OUT(dbeta_atk, 0)) ||
+                       (r = NEED_OUT(dlog_atk_scale, 0)) || (r = NEED_OUT(da0, 0)) ? r : 0;
+    const char *why = "outside backward";
+    if ((r = forbid(ctx, "dat", t->dat.data, why)) || (r = forbid(ctx, "dg_atk", t->dg_atk.data, why)) ||
+        (r = forbid(ctx, "dbeta_atk", t->dbeta_atk.data, why)) ||
+        (r = forbid(ctx, "dlog_atk_scale", t->dlog_atk_scale.data, why)) || (r = forbid(ctx, "da0", t->da0.data, why)))
+        return r;
     return 0;
 }
 
@@ -578,6 +659,7 @@ static int check_call(KlaContext *ctx, const KlaShape *s, const KlaOptions *o,
             (r = forbid(ctx, "dh0", t->dh0.data, why)))
             return r;
     }
+    if ((r = check_atk_tensors(ctx, o, t, op))) return r;
 
     /* sizes: every present tensor holds exactly what its shape asks for */
     slot si[NIN], so[NOUT];
@@ -605,12 +687,17 @@ static int check_call(KlaContext *ctx, const KlaShape *s, const KlaOptions *o,
         for (int64_t n = 0; n <= z->N; n++) (*cu)[n] = n * z->T;
     }
 
-    /* values: finite everywhere, g <= 0; the decode state too */
+    /* values: finite everywhere, log decays <= 0, the ATK state and its input >= 0; the
+     * decode states too */
     for (int i = 0; i < NIN && !r; i++)
-        r = kla__check_values(ctx, si[i].name, in[i], si[i].shape, si[i].ndim, i == I_G);
+        r = kla__check_values(ctx, si[i].name, in[i], si[i].shape, si[i].ndim,
+                              i == I_G || i == I_GATK ? -1 : i == I_BATK || i == I_A0 ? 1 : 0);
     if (!r && op == OP_DECODE)
         r = kla__check_values(ctx, "state", (KlaIn){ t->state.data, t->state.dtype, so[O_STATE].n },
                               so[O_STATE].shape, 4, 0);
+    if (!r && op == OP_DECODE && t->astate.data)
+        r = kla__check_values(ctx, "astate", (KlaIn){ t->astate.data, t->astate.dtype, so[O_ASTATE].n },
+                              so[O_ASTATE].shape, 3, 1);
     if (!r && o->mode == KLA_MODE_KLA) r = check_step(ctx, z, o, t, decode, *cu);
     if (r) {
         free(*cu);
@@ -731,7 +818,8 @@ static void locate_recurrent(KlaContext *ctx, const kla_problem *p, const kla_io
     snprintf(first, sizeof first, "%s", ctx->detail);
     if (!o) return;
     kla_io x = { .algo = KLA_ALGO_RECURRENT, .q = io->q, .k = io->k, .v = io->v, .g = io->g, .a = io->a,
-                 .h0 = io->h0, .o = o };
+                 .h0 = io->h0, .g_atk = io->g_atk, .beta_atk = io->beta_atk,
+                 .log_atk_scale = io->log_atk_scale, .a0 = io->a0, .o = o };
     int r = ctx->be->forward(ctx->state, p, &x);
     ctx->detail[0] = 0;
     if (r == 0 && check_finite_out(ctx, &so[O_O], o, ctx->be->real) == KLA_ERANGE) {
@@ -804,6 +892,14 @@ static int run_checked(KlaContext *ctx, const KlaShape *shape, const KlaOptions 
     int64_t *cu = NULL;
     int r = check_call(ctx, shape, opt, t, op, kst, &z, &cu);
     if (r) return r;
+    const unsigned need = (opt->gate == KLA_GATE_CHANNEL ? KLA_VARIANT_CHANNEL : 0) |
+                          (opt->precond == KLA_PRECOND_ATK ? KLA_VARIANT_ATK : 0);
+    if (need & ~ctx->be->variants) {
+        free(cu);
+        return kla__fail(ctx, KLA_ENOSYS, "backend %s does not run %s yet (backends ref and ref64 do)",
+                         ctx->be->name, need & ~ctx->be->variants & KLA_VARIANT_CHANNEL ? "gate channel (KDA)"
+                                                                                        : "precond atk (PDN, PGDN, PKDA)");
+    }
 
     const KlaDtype R = ctx->be->real;
     const int vk = opt->state_layout == KLA_LAYOUT_VK;
@@ -812,7 +908,8 @@ static int run_checked(KlaContext *ctx, const KlaShape *shape, const KlaOptions 
         .N = z.N, .H = z.H, .HV = z.HV, .K = z.K, .V = z.V, .cu = cu, .total = z.total,
         .mode = opt->mode, .scale = isnan(opt->scale) ? 1 / sqrt((double)z.K) : opt->scale,
         .eps = opt->eps, .l2norm_q = opt->l2norm_q, .l2norm_k = opt->l2norm_k,
-        .chunk = opt->chunk_size, .threads = ctx->params.threads,
+        .chunk = opt->chunk_size, .threads = ctx->params.threads, .gate = opt->gate,
+        .precond = opt->precond, .squash_x = opt->squash_x, .squash_eps = opt->squash_eps,
     };
 
     slot si[NIN], so[NOUT];
@@ -824,12 +921,15 @@ static int run_checked(KlaContext *ctx, const KlaShape *shape, const KlaOptions 
 
     for (int i = 0; i < NIN && !r; i++) r = in_buf(ins[i], si[i].n, R, &z, si[i].vk, &bi[i]);
     if (!r) r = floor_g(&bi[I_G], ins[I_G], si[I_G].n, R);
+    if (!r) r = floor_g(&bi[I_GATK], ins[I_GATK], si[I_GATK].n, R);
     for (int i = 0; i < NOUT && !r; i++) r = out_buf(outs[i], so[i].n, R, so[i].vk, &bo[i]);
     /* the decode state is read as well as written */
     if (!r && op == OP_DECODE && bo[O_STATE].owned) {
         if (vk) transpose(t->state.data, t->state.dtype, bo[O_STATE].owned, R, z.N * z.HV, z.V, z.K);
         else convert(t->state.data, t->state.dtype, bo[O_STATE].owned, R, z.nst);
     }
+    if (!r && op == OP_DECODE && bo[O_ASTATE].owned)
+        convert(t->astate.data, t->astate.dtype, bo[O_ASTATE].owned, R, so[O_ASTATE].n);
     if (r == KLA_ENOMEM) r = kla__fail(ctx, r, "out of memory for the converted tensors");
 
     int computed = 0;
@@ -838,7 +938,11 @@ static int run_checked(KlaContext *ctx, const KlaShape *shape, const KlaOptions 
                       .g = bi[I_G].ptr, .a = bi[I_A].ptr, .h0 = bi[I_H0].ptr, .dout = bi[I_DO].ptr,
                       .dht = bi[I_DHT].ptr, .o = bo[O_O].ptr, .ht = bo[O_HT].ptr, .dq = bo[O_DQ].ptr,
                       .dk = bo[O_DK].ptr, .dv = bo[O_DV].ptr, .dg = bo[O_DG].ptr, .da = bo[O_DA].ptr,
-                      .dh0 = bo[O_DH0].ptr, .state = bo[O_STATE].ptr };
+                      .dh0 = bo[O_DH0].ptr, .g_atk = bi[I_GATK].ptr, .beta_atk = bi[I_BATK].ptr,
+                      .log_atk_scale = bi[I_LATK].ptr, .a0 = bi[I_A0].ptr, .dat = bi[I_DAT].ptr,
+                      .at = bo[O_AT].ptr, .dg_atk = bo[O_DGATK].ptr, .dbeta_atk = bo[O_DBATK].ptr,
+                      .dlog_atk_scale = bo[O_DLATK].ptr, .da0 = bo[O_DA0].ptr, .state = bo[O_STATE].ptr,
+                      .astate = bo[O_ASTATE].ptr };
         void *st = ctx->state;
         if (op == OP_FORWARD) r = ctx->be->forward(st, &p, &io);
         else if (op == OP_BACKWARD) r = ctx->be->backward(st, &p, &io);
@@ -1015,30 +1119,43 @@ int kla_decode_state(KlaContext *ctx, const KlaShape *s, const KlaOptions *o, co
 
 static int always(void) { return 1; }
 
+/* The library's untyped tensors as the reference's typed struct. */
+#define REF_IO(R, x)                                                                                  \
+    {                                                                                                 \
+        .q = (x)->q, .k = (x)->k, .v = (x)->v, .g = (x)->g, .a = (x)->a, .h0 = (x)->h0,               \
+        .dout = (x)->dout, .dht = (x)->dht, .g_atk = (x)->g_atk, .beta_atk = (x)->beta_atk,           \
+        .log_atk_scale = (x)->log_atk_scale, .a0 = (x)->a0, .dat = (x)->dat, .o = (x)->o,             \
+        .ht = (x)->ht, .at = (x)->at, .dq = (x)->dq, .dk = (x)->dk, .dv = (x)->dv, .dg = (x)->dg,     \
+        .da = (x)->da, .dh0 = (x)->dh0, .dg_atk = (x)->dg_atk, .dbeta_atk = (x)->dbeta_atk,           \
+        .dlog_atk_scale = (x)->dlog_atk_scale, .da0 = (x)->da0, .state = (x)->state,                  \
+        .astate = (x)->astate,                                                                        \
+    }
+
 #define REF_BACKEND(R, sfx, NAME, DT)                                                          \
     static int ref_fwd_##sfx(void *st, const kla_problem *p, kla_io *x)                        \
     {                                                                                          \
         (void)st;                                                                              \
         x->algo = x->algo == KLA_ALGO_CHUNK ? KLA_ALGO_CHUNK : KLA_ALGO_RECURRENT;             \
-        return kla_ref_forward_##sfx(p, x->algo, x->q, x->k, x->v, x->g, x->a, x->h0, x->o,    \
-                                     x->ht);                                                   \
+        const kla_ref_io_##sfx y = REF_IO(R, x);                                               \
+        return kla_ref_forward_##sfx(p, x->algo, &y);                                          \
     }                                                                                          \
     static int ref_bwd_##sfx(void *st, const kla_problem *p, kla_io *x)                        \
     {                                                                                          \
         (void)st;                                                                              \
         x->algo = x->algo == KLA_ALGO_CHUNK ? KLA_ALGO_CHUNK : KLA_ALGO_RECURRENT;             \
-        return kla_ref_backward_##sfx(p, x->algo, x->q, x->k, x->v, x->g, x->a, x->h0,         \
-                                      x->dout, x->dht, x->o, x->ht, x->dq, x->dk, x->dv,       \
-                                      x->dg, x->da, x->dh0);                                   \
+        const kla_ref_io_##sfx y = REF_IO(R, x);                                               \
+        return kla_ref_backward_##sfx(p, x->algo, &y);                                         \
     }                                                                                          \
     static int ref_dec_##sfx(void *st, const kla_problem *p, kla_io *x)                        \
     {                                                                                          \
         (void)st;                                                                              \
-        return kla_ref_decode_##sfx(p, x->q, x->k, x->v, x->g, x->a, x->state, x->o);          \
+        const kla_ref_io_##sfx y = REF_IO(R, x);                                               \
+        return kla_ref_decode_##sfx(p, &y);                                                    \
     }                                                                                          \
-    const kla_backend kla_backend_##NAME = { .name = #NAME, .real = DT, .usable = always,     \
-                                             .forward = ref_fwd_##sfx, .backward = ref_bwd_##sfx, \
-                                             .decode = ref_dec_##sfx };
+    const kla_backend kla_backend_##NAME = { .name = #NAME, .real = DT,                        \
+                                             .variants = KLA_VARIANT_CHANNEL | KLA_VARIANT_ATK,  \
+                                             .usable = always, .forward = ref_fwd_##sfx,       \
+                                             .backward = ref_bwd_##sfx, .decode = ref_dec_##sfx };
 
 REF_BACKEND(float, f32, ref, KLA_F32)
 REF_BACKEND(double, f64, ref64, KLA_F64)

@@ -21,13 +21,22 @@ typedef struct kla_io {
     int algo; /* in: KLA_ALGO_AUTO, RECURRENT or CHUNK; out: the one that ran */
     const void *q, *k, *v, *g, *a; /* a: eta (mode kla) or beta (mode gdn) */
     const void *h0, *dout, *dht;
+    const void *g_atk, *beta_atk, *log_atk_scale, *a0, *dat; /* precond ATK */
     void *o, *ht, *dq, *dk, *dv, *dg, *da, *dh0;
-    void *state; /* decode: the host states [N, HV, K, V]; decode_state: the backend's handle */
+    void *at, *dg_atk, *dbeta_atk, *dlog_atk_scale, *da0; /* precond ATK */
+    void *state;  /* decode: the host states [N, HV, K, V]; decode_state: the backend's handle */
+    void *astate; /* decode with precond ATK: the ATK states [N, H, K], read and updated */
 } kla_io;
+
+/* Variants of the family (kla-spec.md section 7) a backend runs, beyond gate head and no
+ * preconditioner: the glue refuses the others with a message naming the backend. */
+#define KLA_VARIANT_CHANNEL (1u << 0) /* gate channel (KDA) */
+#define KLA_VARIANT_ATK (1u << 1)     /* precond ATK (PDN, PGDN, PKDA) */
 
 typedef struct kla_backend {
     const char *name;
     KlaDtype real;  /* KLA_F32 or KLA_F64: the dtype of every real tensor it takes */
+    unsigned variants; /* KLA_VARIANT_* it runs */
     int (*usable)(void);    /* 1 when it can run on this machine */
     /* optional per-context state (device handles, thread pools) */
     int (*open)(void **state, const KlaParams *params, char *err, size_t errlen);
@@ -91,9 +100,9 @@ int kla__nofail(int err, const char *fmt, ...)
     ;
 void kla__noclear(void);
 
-/* Checks that every element of a real tensor is finite, and <= 0 when nonpos; the
- * message names the tensor and the index. */
+/* Checks that every element of a real tensor is finite, and <= 0 when sign < 0, >= 0
+ * when sign > 0; the message names the tensor and the index. */
 int kla__check_values(KlaContext *ctx, const char *name, KlaIn t, const int64_t *shape,
-                      int ndim, int nonpos);
+                      int ndim, int sign);
 
 #endif

@@ -108,13 +108,11 @@ const char *kla_file_meta(const KlaFile *f, const char *key)
 
 /* ---- names ------------------------------------------------------------------------------- */
 
-/* kla-spec.md sections 2 to 4 */
+/* kla-spec.md sections 2 to 4, and 7.3 (the preconditioner's tensors) */
 static const char *const spec_names[] = { "q", "k", "v", "g", "eta", "beta", "h0", "cu_seqlens", "do",
                                           "dht", "o", "ht", "dq", "dk", "dv", "dg", "deta", "dbeta",
-                                          "dh0", NULL };
-/* section 7: defined, not run by this version */
-static const char *const family_names[] = { "g_atk", "beta_atk", "log_atk_scale", "a0", "at", "dat",
-                                            "dg_atk", "dbeta_atk", "dlog_atk_scale", "da0", NULL };
+                                          "dh0", "g_atk", "beta_atk", "log_atk_scale", "a0", "at", "dat",
+                                          "dg_atk", "dbeta_atk", "dlog_atk_scale", "da0", NULL };
 /* other libraries' names for ours */
 static const char *const aliases[][2] = {
     { "initial_state", "h0" }, { "final_state", "ht" }, { "output", "o" }, { "out", "o" },
@@ -122,6 +120,8 @@ static const char *const aliases[][2] = {
     { "d_final_state", "dht" }, { "dfinal_state", "dht" }, { "offsets", "cu_seqlens" },
     { "cu_seqlen", "cu_seqlens" }, { "query", "q" }, { "key", "k" }, { "value", "v" },
     { "gk", "g" }, { "decay", "g" }, { "a", "eta or beta" }, { "S0", "h0" }, { "state", "h0" },
+    { "initial_A_state", "a0" }, { "A_state", "at" }, { "final_A_state", "at" }, { "dh0_atk", "da0" },
+    { "atk_scale", "log_atk_scale" },
 };
 static const char *const spec_keys[] = { "mode", "scale", "eps", "l2norm_q", "l2norm_k", "state_layout",
                                          "gate", "precond", "squash_x", "squash_eps", NULL };
@@ -180,15 +180,12 @@ static int check_names(const KlaFile *f)
     for (int i = 0; i < f->f.count; i++) {
         const char *n = f->f.tensors[i].name;
         if (in_list(spec_names, n)) continue;
-        if (in_list(family_names, n))
-            return kla__nofail(KLA_EINVAL,
-                               "%s: tensor \"%s\" belongs to the delta-rule family (kla-spec.md section 7), "
-                               "which this version of kla does not run", f->path, n);
         hint(h, sizeof h, n, spec_names);
         return kla__nofail(KLA_EINVAL,
                            "%s: tensor \"%s\" is not defined by kla-spec.md (inputs q k v g eta|beta h0 "
-                           "cu_seqlens do dht; outputs o ht dq dk dv dg deta|dbeta dh0)%s",
-                           f->path, n, h);
+                           "cu_seqlens do dht, with precond atk g_atk beta_atk log_atk_scale a0 dat; "
+                           "outputs o ht dq dk dv dg deta|dbeta dh0, at dg_atk dbeta_atk dlog_atk_scale "
+                           "da0)%s", f->path, n, h);
     }
     for (int i = 0; i < f->f.meta_count; i++) {
         const char *k = f->f.meta_keys[i];
@@ -196,7 +193,7 @@ static int check_names(const KlaFile *f)
         hint(h, sizeof h, k, spec_keys);
         return kla__nofail(KLA_EINVAL,
                            "%s: metadata key \"%s\" is not defined by kla-spec.md (mode scale eps "
-                           "l2norm_q l2norm_k state_layout)%s", f->path, k, h);
+                           "l2norm_q l2norm_k state_layout gate precond squash_x squash_eps)%s", f->path, k, h);
     }
     return 0;
 }
@@ -237,7 +234,7 @@ static int meta_choice(const KlaFile *f, const char *key, const char *a, const c
     return 1;
 }
 
-static int read_options(const KlaFile *f, KlaOptions *o, int has_eta, int has_beta)
+static int read_options(const KlaFile *f, KlaOptions *o, int has_eta, int has_beta, int g_ndim, int has_batk)
 {
     kla_default_options(o);
     int v = 0, r;
@@ -263,20 +260,20 @@ static int read_options(const KlaFile *f, KlaOptions *o, int has_eta, int has_be
         return r;
     if ((r = meta_choice(f, "state_layout", "kv", "vk", &v)) < 0) return r;
     if (r) o->state_layout = v ? KLA_LAYOUT_VK : KLA_LAYOUT_KV;
-    /* the family's options: the defaults are section 1's operator; the rest is not run here */
+    /* the family (section 7.3): gate from the metadata, else from g's rank; precond from
+     * the metadata, else from beta_atk's presence */
     if ((r = meta_choice(f, "gate", "head", "channel", &v)) < 0) return r;
-    if (r && v)
-        return kla__nofail(KLA_EINVAL, "%s: metadata \"gate\": \"channel\" (KDA, kla-spec.md section 7.1) is not "
-                           "run by this version of kla", f->path);
+    o->gate = r ? (v ? KLA_GATE_CHANNEL : KLA_GATE_HEAD) : g_ndim == 4 ? KLA_GATE_CHANNEL : KLA_GATE_HEAD;
     if ((r = meta_choice(f, "precond", "none", "atk", &v)) < 0) return r;
-    if (r && v)
-        return kla__nofail(KLA_EINVAL, "%s: metadata \"precond\": \"atk\" (kla-spec.md section 7.2) is not run "
-                           "by this version of kla", f->path);
-    double x;
-    if ((r = meta_num(f, "squash_x", &x)) < 0) return r;
-    if (r && !(x > 1)) return kla__nofail(KLA_EINVAL, "%s: metadata \"squash_x\": %g, must be > 1", f->path, x);
-    if ((r = meta_num(f, "squash_eps", &x)) < 0) return r;
-    if (r && !(x > 0)) return kla__nofail(KLA_EINVAL, "%s: metadata \"squash_eps\": %g, must be > 0", f->path, x);
+    o->precond = r ? (v ? KLA_PRECOND_ATK : KLA_PRECOND_NONE) : has_batk ? KLA_PRECOND_ATK : KLA_PRECOND_NONE;
+    if ((r = meta_num(f, "squash_x", &o->squash_x)) < 0) return r;
+    if (!(o->squash_x > 1))
+        return kla__nofail(KLA_EINVAL, "%s: metadata \"squash_x\": %g, must be > 1", f->path, o->squash_x);
+    if ((r = meta_num(f, "squash_eps", &o->squash_eps)) < 0) return r;
+    if (!(o->squash_eps > 0))
+        return kla__nofail(KLA_EINVAL, "%s: metadata \"squash_eps\": %g, must be > 0", f->path, o->squash_eps);
+    if (o->precond == KLA_PRECOND_ATK && !has_batk)
+        return kla__nofail(KLA_EINVAL, "%s: missing tensor \"beta_atk\" (precond atk)", f->path);
     return 0;
 }
 
@@ -387,7 +384,10 @@ int kla_file_problem(const KlaFile *f, KlaOp op, KlaProblem *p)
     const st_tensor *rt[] = { q, k, v };
     for (int i = 0; i < 3; i++)
         if (!rt[i]) return kla__nofail(KLA_EINVAL, "%s: missing tensor \"%s\"", f->path, req[i]);
-    if ((r = read_options(f, &p->opt, eta != NULL, beta != NULL))) return r;
+    const st_tensor *g_atk = st_find(sf, "g_atk"), *beta_atk = st_find(sf, "beta_atk");
+    const st_tensor *latk = st_find(sf, "log_atk_scale"), *a0 = st_find(sf, "a0");
+    const st_tensor *dat = op == KLA_OP_BACKWARD ? st_find(sf, "dat") : NULL;
+    if ((r = read_options(f, &p->opt, eta != NULL, beta != NULL, g ? g->ndim : 0, beta_atk != NULL))) return r;
 
     char a[200], b[200];
     if ((r = real_dtype(f, q))) return r;
@@ -422,12 +422,10 @@ int kla_file_problem(const KlaFile *f, KlaOp op, KlaProblem *p)
     if (s->HV % s->H)
         return kla__nofail(KLA_EINVAL, "%s: tensor \"v\": HV = %lld is not a multiple of H = %lld (the heads of q)",
                            f->path, (long long)s->HV, (long long)s->H);
-    if (g && g->ndim == 4)
-        return kla__nofail(KLA_EINVAL, "%s: tensor \"g\" has 4 dimensions: a per-channel gate (gate = channel, "
-                           "KDA, kla-spec.md section 7.1), which this version of kla does not run", f->path);
-    const int64_t btv[3] = { s->B, s->T, s->HV };
-    if ((r = need_shape(f, g, 3, btv, "[B, T, HV]")) || (r = need_shape(f, eta, 3, btv, "[B, T, HV]")) ||
-        (r = need_shape(f, beta, 3, btv, "[B, T, HV]")))
+    const int64_t btv[3] = { s->B, s->T, s->HV }, btvk[4] = { s->B, s->T, s->HV, s->K };
+    if ((r = p->opt.gate == KLA_GATE_CHANNEL ? need_shape(f, g, 4, btvk, "[B, T, HV, K] (gate channel)")
+                                             : need_shape(f, g, 3, btv, "[B, T, HV] (gate head)")) ||
+        (r = need_shape(f, eta, 3, btv, "[B, T, HV]")) || (r = need_shape(f, beta, 3, btv, "[B, T, HV]")))
         return r;
     s->N = s->B;
     if (cu && (r = check_cu(f, cu, s->B, s->T, &s->N))) return r;
@@ -436,6 +434,17 @@ int kla_file_problem(const KlaFile *f, KlaOp op, KlaProblem *p)
     hs[0] = s->N, hs[1] = s->HV, hs[2] = vk ? s->V : s->K, hs[3] = vk ? s->K : s->V;
     const char *hdims = vk ? "[N, HV, V, K]" : "[N, HV, K, V]";
     if ((r = need_shape(f, h0, 4, hs, hdims))) return r;
+    /* the preconditioner's tensors: only with precond atk */
+    const st_tensor *atk_t[] = { g_atk, beta_atk, latk, a0, dat };
+    for (int i = 0; i < 5 && p->opt.precond != KLA_PRECOND_ATK; i++)
+        if (atk_t[i])
+            return kla__nofail(KLA_EINVAL, "%s: tensor \"%s\" is only read with precond atk (metadata \"precond\" "
+                               "is \"none\")", f->path, atk_t[i]->name);
+    const int64_t bth[3] = { s->B, s->T, s->H }, nhk[3] = { s->N, s->H, s->K };
+    if ((r = need_shape(f, g_atk, 3, bth, "[B, T, H]")) || (r = need_shape(f, beta_atk, 3, bth, "[B, T, H]")) ||
+        (r = need_shape(f, latk, 1, &s->H, "[H]")) || (r = need_shape(f, a0, 3, nhk, "[N, H, K]")) ||
+        (r = need_shape(f, dat, 3, nhk, "[N, H, K]")))
+        return r;
     if (op == KLA_OP_BACKWARD) {
         if (!dout) return kla__nofail(KLA_EINVAL, "%s: missing tensor \"do\" (the gradient of o, needed by backward)",
                                       f->path);
@@ -457,5 +466,7 @@ int kla_file_problem(const KlaFile *f, KlaOp op, KlaProblem *p)
     t->cu_seqlens = in_of(cu);
     t->dout = in_of(dout);
     t->dht = in_of(dht);
+    t->g_atk = in_of(g_atk), t->beta_atk = in_of(beta_atk), t->log_atk_scale = in_of(latk);
+    t->a0 = in_of(a0), t->dat = in_of(dat);
     return 0;
 }

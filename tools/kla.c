@@ -267,6 +267,7 @@ typedef struct Problem {
     KlaFile *f;
     KlaProblem p;
     KlaFileTensor q, v, eb, g, cu; /* eb: eta or beta */
+    KlaFileTensor gatk, batk;     /* precond atk */
 } Problem;
 
 static int load(Problem *p, const char *path, int cmd)
@@ -283,12 +284,14 @@ static int load(Problem *p, const char *path, int cmd)
     kla_file_find(p->f, p->p.opt.mode == KLA_MODE_KLA ? "eta" : "beta", &p->eb);
     kla_file_find(p->f, "g", &p->g);
     kla_file_find(p->f, "cu_seqlens", &p->cu);
+    kla_file_find(p->f, "g_atk", &p->gatk);
+    kla_file_find(p->f, "beta_atk", &p->batk);
     return 0;
 }
 
 /* ---- outputs ------------------------------------------------------------------------ */
 
-#define MAX_OUT 10
+#define MAX_OUT 16
 
 typedef struct Outputs {
     st_tensor t[MAX_OUT];
@@ -348,12 +351,16 @@ static const char *algo_name(KlaAlgo a)
 static int write_outs(const Cli *c, const Problem *p, const Outputs *o, const char *backend,
                       const char *algo)
 {
-    static const char *const copy[] = { "scale", "eps", "l2norm_q", "l2norm_k", "state_layout" };
-    const char *keys[8], *vals[8];
+    static const char *const copy[] = { "scale", "eps", "l2norm_q", "l2norm_k", "state_layout", "squash_x",
+                                        "squash_eps" };
+    const char *keys[16], *vals[16];
     int n = 0;
     keys[n] = "mode";
     vals[n++] = p->p.opt.mode == KLA_MODE_GDN ? "gdn" : "kla";
-    for (int i = 0; i < 5; i++) {
+    /* the family's variant as it ran (the file may have left it to be inferred) */
+    if (p->p.opt.gate == KLA_GATE_CHANNEL) keys[n] = "gate", vals[n++] = "channel";
+    if (p->p.opt.precond == KLA_PRECOND_ATK) keys[n] = "precond", vals[n++] = "atk";
+    for (int i = 0; i < 7; i++) {
         const char *v = kla_file_meta(p->f, copy[i]);
         if (v) {
             keys[n] = copy[i];
@@ -384,13 +391,16 @@ static KlaIn gather_rows(void *dst, const KlaFileTensor *t, const int64_t *rows,
 }
 
 /* Feeds the tokens through kla_decode / kla_decode_state. The loader checked cu_seqlens. */
-static int run_decode(KlaContext *ctx, const Problem *p, void *o_all, void *ht, st_dtype od)
+static int run_decode(KlaContext *ctx, const Problem *p, void *o_all, void *ht, void *at, st_dtype od)
 {
     const KlaShape *s = &p->p.shape;
     const KlaTensors *in = &p->p.t;
     const int64_t N = s->N;
     const size_t oes = st_dtype_size(od);
+    const int atk = p->p.opt.precond == KLA_PRECOND_ATK;
     const int64_t qrow = s->H * s->K, vrow = s->HV * s->V, grow = s->HV, srow = s->HV * s->K * s->V;
+    const int64_t gcrow = p->p.opt.gate == KLA_GATE_CHANNEL ? s->HV * s->K : s->HV; /* g */
+    const int64_t hrow = s->H, arow = s->H * s->K; /* g_atk, beta_atk; the ATK state */
     const KlaDtype sdt = od == ST_F64 ? KLA_F64 : KLA_F32;
     const KlaFileTensor *k = NULL;
     KlaFileTensor kt;
@@ -404,10 +414,12 @@ static int run_decode(KlaContext *ctx, const Problem *p, void *o_all, void *ht, 
     /* scratch for one step of every sequence: 8 bytes an element covers every dtype */
     void *bq = malloc((size_t)(N * qrow) * 8), *bk = malloc((size_t)(N * qrow) * 8);
     void *bv = malloc((size_t)(N * vrow) * 8), *be = malloc((size_t)(N * grow) * 8);
-    void *bg = malloc((size_t)(N * grow) * 8), *bo = malloc((size_t)(N * vrow) * oes);
+    void *bg = malloc((size_t)(N * gcrow) * 8), *bo = malloc((size_t)(N * vrow) * oes);
     void *bs = malloc((size_t)(N * srow) * oes);
+    void *bga = malloc((size_t)(N * hrow) * 8), *bba = malloc((size_t)(N * hrow) * 8);
+    void *bas = malloc((size_t)(N * arow) * oes);
     KlaState *kst = NULL;
-    if (!start || !len || !rows || !act || !bq || !bk || !bv || !be || !bg || !bo || !bs) {
+    if (!start || !len || !rows || !act || !bq || !bk || !bv || !be || !bg || !bo || !bs || !bga || !bba || !bas) {
         fprintf(stderr, "kla: out of memory\n");
         goto done;
     }
@@ -429,11 +441,18 @@ static int run_decode(KlaContext *ctx, const Problem *p, void *o_all, void *ht, 
         if (od == ST_F64) ((double *)ht)[i] = x;
         else ((float *)ht)[i] = (float)x;
     }
+    /* the ATK states from a0 or zeros */
+    for (int64_t i = 0; atk && in->a0.data && i < N * arow; i++) {
+        double x = in->a0.dtype == KLA_F64 ? ((const double *)in->a0.data)[i] : ((const float *)in->a0.data)[i];
+        if (od == ST_F64) ((double *)at)[i] = x;
+        else ((float *)at)[i] = (float)x;
+    }
 
     /* While every sequence is active, the states stay in a KlaState (GPU memory on vulkan);
      * from the first step where some sequence has ended, they are copied back and each step
      * gathers the active sequences' states on the host. */
-    if (maxlen > 0 && (kla_state_new(ctx, N, s->HV, s->K, s->V, &kst) < 0 ||
+    /* (a KlaState does not hold the ATK state: with precond atk the states stay on the host) */
+    if (maxlen > 0 && !atk && (kla_state_new(ctx, N, s->HV, s->K, s->V, &kst) < 0 ||
                        kla_state_write(kst, KLA_IN(ht, sdt, N * srow), p->p.opt.state_layout) < 0)) {
         ferr(p->path, "%s", kla_error_detail(ctx));
         goto done;
@@ -455,7 +474,10 @@ static int run_decode(KlaContext *ctx, const Problem *p, void *o_all, void *ht, 
         t.q = gather_rows(bq, &p->q, rows, na, qrow);
         t.k = gather_rows(bk, k, rows, na, qrow);
         t.v = gather_rows(bv, &p->v, rows, na, vrow);
-        if (p->g.data) t.g = gather_rows(bg, &p->g, rows, na, grow);
+        if (p->g.data) t.g = gather_rows(bg, &p->g, rows, na, gcrow);
+        if (p->gatk.data) t.g_atk = gather_rows(bga, &p->gatk, rows, na, hrow);
+        if (p->batk.data) t.beta_atk = gather_rows(bba, &p->batk, rows, na, hrow);
+        t.log_atk_scale = in->log_atk_scale;
         if (p->p.opt.mode == KLA_MODE_KLA) t.eta = gather_rows(be, &p->eb, rows, na, grow);
         else t.beta = gather_rows(be, &p->eb, rows, na, grow);
         t.o = KLA_OUT(bo, sdt, na * vrow);
@@ -467,6 +489,14 @@ static int run_decode(KlaContext *ctx, const Problem *p, void *o_all, void *ht, 
                        (size_t)srow * oes);
         }
         if (!kst) t.state = KLA_OUT(state, sdt, na * srow);
+        void *astate = at;
+        if (atk && !all) {
+            astate = bas;
+            for (int64_t i = 0; i < na; i++)
+                memcpy((char *)bas + (size_t)(i * arow) * oes, (char *)at + (size_t)(act[i] * arow) * oes,
+                       (size_t)arow * oes);
+        }
+        if (atk) t.astate = KLA_OUT(astate, sdt, na * arow);
         KlaShape ds = *s;
         ds.B = ds.N = na;
         ds.T = 1;
@@ -482,6 +512,9 @@ static int run_decode(KlaContext *ctx, const Problem *p, void *o_all, void *ht, 
             if (!all)
                 memcpy((char *)ht + (size_t)(act[i] * srow) * oes, (char *)bs + (size_t)(i * srow) * oes,
                        (size_t)srow * oes);
+            if (!all && atk)
+                memcpy((char *)at + (size_t)(act[i] * arow) * oes, (char *)bas + (size_t)(i * arow) * oes,
+                       (size_t)arow * oes);
         }
     }
     if (kst && kla_state_read(kst, KLA_OUT(ht, sdt, N * srow), p->p.opt.state_layout) < 0) {
@@ -492,7 +525,7 @@ static int run_decode(KlaContext *ctx, const Problem *p, void *o_all, void *ht, 
 done:
     kla_state_free(&kst);
     free(start), free(len), free(rows), free(act);
-    free(bq), free(bk), free(bv), free(be), free(bg), free(bo), free(bs);
+    free(bq), free(bk), free(bv), free(be), free(bg), free(bo), free(bs), free(bga), free(bba), free(bas);
     return rc;
 }
 
@@ -541,16 +574,22 @@ static int cmd_run(const Cli *c)
     t.o = last_out(&o);
     if (!add_out(&o, "ht", 4, p.p.state_shape)) goto done;
     t.ht = last_out(&o);
+    const int atk = opt->precond == KLA_PRECOND_ATK;
+    const int64_t nhk[3] = { s->N, s->H, s->K };
+    if (atk) {
+        if (!add_out(&o, "at", 3, nhk)) goto done;
+        t.at = last_out(&o);
+    }
 
     if (c->cmd == CMD_DECODE) {
-        if (run_decode(ctx, &p, t.o.data, t.ht.data, o.dtype) < 0) goto done;
+        if (run_decode(ctx, &p, t.o.data, t.ht.data, t.at.data, o.dtype) < 0) goto done;
     } else if (c->cmd == CMD_FORWARD) {
         if (kla_forward(ctx, s, opt, &t) < 0) {
             ferr(c->in, "%s", kla_error_detail(ctx));
             goto done;
         }
     } else {
-        const int64_t btv[3] = { s->B, s->T, s->HV };
+        const int64_t btv[4] = { s->B, s->T, s->HV, s->K }, bth[3] = { s->B, s->T, s->H };
         KlaFileTensor q;
         kla_file_find(p.f, "q", &q);
         if (!add_out(&o, "dq", 4, q.shape)) goto done;
@@ -559,7 +598,7 @@ static int cmd_run(const Cli *c)
         t.dk = last_out(&o);
         if (!add_out(&o, "dv", 4, p.v.shape)) goto done;
         t.dv = last_out(&o);
-        if (!add_out(&o, "dg", 3, btv)) goto done;
+        if (!add_out(&o, "dg", opt->gate == KLA_GATE_CHANNEL ? 4 : 3, btv)) goto done;
         t.dg = last_out(&o);
         if (!add_out(&o, opt->mode == KLA_MODE_KLA ? "deta" : "dbeta", 3, btv)) goto done;
         if (opt->mode == KLA_MODE_KLA) t.deta = last_out(&o);
@@ -567,6 +606,18 @@ static int cmd_run(const Cli *c)
         if (t.h0.data) {
             if (!add_out(&o, "dh0", 4, p.p.state_shape)) goto done;
             t.dh0 = last_out(&o);
+        }
+        if (atk) {
+            if (!add_out(&o, "dg_atk", 3, bth)) goto done;
+            t.dg_atk = last_out(&o);
+            if (!add_out(&o, "dbeta_atk", 3, bth)) goto done;
+            t.dbeta_atk = last_out(&o);
+            if (!add_out(&o, "dlog_atk_scale", 1, &s->H)) goto done;
+            t.dlog_atk_scale = last_out(&o);
+            if (t.a0.data) {
+                if (!add_out(&o, "da0", 3, nhk)) goto done;
+                t.da0 = last_out(&o);
+            }
         }
         if (kla_backward(ctx, s, opt, &t) < 0) {
             ferr(c->in, "%s", kla_error_detail(ctx));

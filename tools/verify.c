@@ -6,8 +6,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-static const char *const output_names[] = { "o", "ht", "dq", "dk", "dv", "dg", "deta",
-                                            "dbeta", "dh0", NULL };
+static const char *const output_names[] = { "o", "ht", "dq", "dk", "dv", "dg", "deta", "dbeta", "dh0",
+                                            "at", "dg_atk", "dbeta_atk", "dlog_atk_scale", "da0", NULL };
 
 int verify_is_output_name(const char *name)
 {
@@ -56,15 +56,24 @@ void verify_format_index(char *buf, size_t n, const char *name, const st_tensor 
     static const char *const vo[] = { "v", "o", "dv", "do", NULL };
     static const char *const gb[] = { "g", "eta", "beta", "dg", "deta", "dbeta", NULL };
     static const char *const st[] = { "h0", "ht", "dh0", "dht", NULL };
+    static const char *const gc[] = { "g", "dg", NULL }; /* gate channel: [B, T, HV, K] */
+    static const char *const ga[] = { "g_atk", "beta_atk", "dg_atk", "dbeta_atk", NULL };
+    static const char *const as[] = { "a0", "at", "dat", "da0", NULL };
     static const char *const d_qk[] = { "b", "t", "h", "k" };
     static const char *const d_vo[] = { "b", "t", "hv", "v" };
+    static const char *const d_gc[] = { "b", "t", "hv", "k" };
     static const char *const d_kv[] = { "n", "hv", "k", "v" };
     static const char *const d_vk[] = { "n", "hv", "v", "k" };
+    static const char *const d_as[] = { "n", "h", "k" };
     const char *const *dn = NULL;
     int nd = t->ndim;
     if (nd == 4 && name_in(name, qk)) dn = d_qk;
     else if (nd == 4 && name_in(name, vo)) dn = d_vo;
     else if (nd == 3 && name_in(name, gb)) dn = d_vo;
+    else if (nd == 4 && name_in(name, gc)) dn = d_gc;
+    else if (nd == 3 && name_in(name, ga)) dn = d_qk;
+    else if (nd == 3 && name_in(name, as)) dn = d_as;
+    else if (nd == 1 && !strcmp(name, "dlog_atk_scale")) dn = d_as + 1;
     else if (nd == 4 && name_in(name, st)) dn = vk ? d_vk : d_kv;
 
     long long idx[ST_MAX_DIMS];
@@ -143,12 +152,16 @@ static int head_token_dims(const char *name, int nd, int *hdim, int *tdim)
     static const char *const vo[] = { "v", "o", "dv", "do", NULL };
     static const char *const gb[] = { "g", "eta", "beta", "dg", "deta", "dbeta", NULL };
     static const char *const st[] = { "h0", "ht", "dh0", "dht", NULL };
-    if ((nd == 4 && (name_in(name, qk) || name_in(name, vo))) || (nd == 3 && name_in(name, gb))) {
+    static const char *const gc[] = { "g", "dg", NULL };
+    static const char *const ga[] = { "g_atk", "beta_atk", "dg_atk", "dbeta_atk", NULL };
+    static const char *const as[] = { "a0", "at", "dat", "da0", NULL };
+    if ((nd == 4 && (name_in(name, qk) || name_in(name, vo) || name_in(name, gc))) ||
+        (nd == 3 && (name_in(name, gb) || name_in(name, ga)))) {
         *hdim = 2;
         *tdim = 1;
         return 1;
     }
-    if (nd == 4 && name_in(name, st)) {
+    if ((nd == 4 && name_in(name, st)) || (nd == 3 && name_in(name, as))) {
         *hdim = 1;
         *tdim = -1;
         return 1;
