@@ -104,7 +104,8 @@ def test_check(kla, gdir):
         [] if p.returncode == 0 else [p.stdout[-2000:]])
 
 
-INPUTS = ("q", "k", "v", "g", "eta", "beta", "h0", "cu_seqlens", "do", "dht")
+INPUTS = ("q", "k", "v", "g", "eta", "beta", "h0", "cu_seqlens", "do", "dht",
+          "g_atk", "beta_atk", "log_atk_scale", "a0", "dat")
 
 
 def test_independent(gdir, manifest):

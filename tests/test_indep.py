@@ -346,7 +346,7 @@ def usable_backends(kla):
     """ref64 and ref, then every other backend `kla info` reports built and usable."""
     out = subprocess.run([kla, "info"], capture_output=True, text=True).stdout
     extra = [ln.split()[0] for ln in out.splitlines()
-             if ln.startswith("  ") and ln.strip().endswith("built, usable")]
+             if ln.startswith("  ") and "built, usable" in ln]
     return ["ref64", "ref"] + [b for b in extra if b not in ("ref64", "ref")]
 
 
@@ -399,6 +399,93 @@ def command_tests(kla, tmp, backends):
             os.unlink(out)
 
 
+# --------------------------------------------------------------------------- (c) the family
+
+# kla-spec.md section 7: gate head|channel x precond none|atk x mode kla|gdn, and the
+# situations that stress them. name, dims, variant flags, metadata
+FAMILY = [
+    ("kda", dict(B=2, T=40, H=2, HV=4, K=8, V=8, h0=True), dict(chan=True), {"mode": "gdn"}),
+    ("kaczmarz_kda", dict(B=1, T=70, H=1, HV=2, K=8, V=6, h0=True), dict(chan=True), {"mode": "kla"}),
+    ("pgdn", dict(B=2, T=40, H=2, HV=4, K=8, V=8, h0=True), dict(atk=True), {"mode": "gdn"}),
+    ("pdn_g_absent", dict(B=1, T=37, H=1, HV=1, K=8, V=8, g=False), dict(atk=True), {"mode": "gdn"}),
+    ("pkda", dict(B=1, T=37, H=2, HV=2, K=8, V=4, h0=True), dict(chan=True, atk=True), {"mode": "gdn"}),
+    ("p_kla", dict(B=1, T=70, H=1, HV=2, K=8, V=8, h0=True), dict(atk=True), {"mode": "kla"}),
+    ("p_kla_l2qk_squash2", dict(B=1, T=33, H=1, HV=1, K=8, V=8), dict(atk=True),
+     {"mode": "kla", "l2norm_q": "true", "l2norm_k": "true", "squash_x": "2", "squash_eps": "1e-3"}),
+    ("kaczmarz_pkda", dict(B=1, T=40, H=1, HV=2, K=16, V=8, h0=True), dict(chan=True, atk=True),
+     {"mode": "kla", "l2norm_q": "true"}),
+    ("pkda_cu_vk", dict(H=1, HV=2, K=8, V=6, cu=[1, 40, 19], h0=True, layout="vk"),
+     dict(chan=True, atk=True), {"mode": "gdn", "state_layout": "vk", "l2norm_q": "true", "l2norm_k": "true"}),
+    ("kda_decay_m5_T600", dict(B=1, T=600, H=1, HV=1, K=8, V=4), dict(chan=True, gmin=-5.0),
+     {"mode": "gdn", "l2norm_q": "true", "l2norm_k": "true"}),
+    ("kaczmarz_kda_m20_T300", dict(B=1, T=300, H=1, HV=1, K=8, V=4, h0=True), dict(chan=True, g20=True),
+     {"mode": "kla"}),
+]
+
+
+def family_inputs(rng, dims, chan=False, atk=False, gmin=None, g20=False, mode="kla"):
+    """make_inputs plus the family's tensors: g per channel (uniform in [gmin, 0], or -20 on
+    every third element), and with atk g_atk, beta_atk in [0, 1), log_atk_scale, a0, dat."""
+    inp = make_inputs(rng, mode=mode, do=True, dht=True, **dims)
+    B, T, H, K = inp["q"].shape
+    N = len(inp["cu_seqlens"]) - 1 if "cu_seqlens" in inp else B
+    HV = inp["v"].shape[2]
+    if "g" in inp and chan:
+        g = -rng.uniform(0, -(gmin or -1.0), (B, T, HV, K))
+        if g20:
+            g.reshape(-1)[1::3] = -20.0
+        inp["g"] = g.astype(np.float32)
+    if atk:
+        inp["g_atk"] = -rng.uniform(0, 1, (B, T, H)).astype(np.float32)
+        inp["beta_atk"] = rng.uniform(0, 1, (B, T, H)).astype(np.float32)
+        inp["log_atk_scale"] = rng.uniform(-1, 0, H).astype(np.float32)
+        inp["a0"] = rng.uniform(0, 2, (N, H, K)).astype(np.float32)
+        inp["dat"] = rng.standard_normal((N, H, K)).astype(np.float32)
+    return inp
+
+
+def family_tests(kla, tmp, backends):
+    """Every variant through kla forward/backward/decode on ref64 (1e-10) and ref (1e-5
+    outputs, 1e-4 gradients), both algorithms, against kla_np; backends that do not run
+    the family must refuse it with a message naming the variant."""
+    fwd_in = FWD_INPUTS + ("g_atk", "beta_atk", "log_atk_scale", "a0")
+    for ci, (cname, dims, var, meta) in enumerate(FAMILY):
+        inp = family_inputs(np.random.default_rng(5000 + ci), dims, mode=meta["mode"], **var)
+        fin = {n: a for n, a in inp.items() if n in fwd_in}
+        fpath, bpath = (os.path.join(tmp, f"{cname}.{x}.safetensors") for x in ("fwd", "bwd"))
+        save(fpath, fin, meta)
+        save(bpath, inp, meta)
+        ref_f = kla_np.forward(as64(fin), meta)
+        ref_b = kla_np.backward(as64(inp), meta)
+        f_names = sorted(ref_f)
+        b_names = sorted(ref_b)
+        for backend in ("ref64", "ref"):
+            for cmd, algo in [("forward", ["--algo", "recurrent"]), ("forward", ["--algo", "chunk", "--chunk-size", "16"]),
+                              ("forward", ["--algo", "chunk", "--chunk-size", "64"]),
+                              ("backward", ["--algo", "recurrent"]), ("backward", ["--algo", "chunk", "--chunk-size", "16"]),
+                              ("backward", ["--algo", "chunk", "--chunk-size", "64"]), ("decode", [])]:
+                if backend == "ref" and algo[-1:] == ["64"]:
+                    continue
+                src, ref, names = (bpath, ref_b, b_names) if cmd == "backward" else (fpath, ref_f, f_names)
+                out = os.path.join(tmp, f"{cname}.out.safetensors")
+                label = " ".join(["family", cname, cmd, backend] + [x for x in algo if not x.startswith("--")])
+                ok, diag = run_kla(kla, [cmd, "--backend", backend] + algo + [src, "-o", out])
+                if not ok:
+                    tap(False, label, diag)
+                    continue
+                ok, worst, wname, diag = compare(ref, out, names, backend)
+                tap(ok, f"{label} (worst rel_rmse {worst:.1e} {wname})", diag)
+        # the other backends: refused by name, nothing written
+        for backend in [b for b in backends if b not in ("ref", "ref64")]:
+            out = os.path.join(tmp, f"{cname}.{backend}.safetensors")
+            p = subprocess.run([kla, "forward", "--backend", backend, fpath, "-o", out],
+                               capture_output=True, text=True)
+            want = "gate channel" if var.get("chan") else "precond atk"
+            ok = p.returncode == 1 and want in p.stderr and "does not run" in p.stderr and not os.path.exists(out)
+            tap(ok, f"family {cname}: backend {backend} refuses it ({p.stderr.strip()[-90:]})",
+                [] if ok else [f"exit {p.returncode}", p.stderr])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kla", help="path to the kla command (omit: oracle self-checks only)")
@@ -414,6 +501,7 @@ def main():
             backends = args.backends.split(",") if args.backends else usable_backends(kla)
             print(f"# backends: {' '.join(backends)}")
             command_tests(kla, tmp, backends)
+            family_tests(kla, tmp, backends)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     print(f"# {tap.n - tap.failed}/{tap.n} passed in {time.time() - t0:.1f} s")

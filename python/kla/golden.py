@@ -19,7 +19,8 @@ from .safetensors import load
 __all__ = ["golden_dir", "golden_cases", "load_case", "Case", "INPUT_NAMES", "generate_inputs",
            "splitmix64"]
 
-INPUT_NAMES = ("q", "k", "v", "g", "eta", "beta", "h0", "cu_seqlens", "do", "dht")
+INPUT_NAMES = ("q", "k", "v", "g", "eta", "beta", "h0", "cu_seqlens", "do", "dht",
+               "g_atk", "beta_atk", "log_atk_scale", "a0", "dat")
 
 
 def _has_manifest(d):
@@ -121,6 +122,14 @@ class Case:
             "l2norm_k": _flag(m.get("l2norm_k", "false")),
             "state_layout": m.get("state_layout", "kv"),
         }
+        # the family (kla-spec.md 7.3): given in the metadata, else inferred as kla does
+        if self.kind == "operator":
+            g = self.tensors.get("g")
+            self.options["gate"] = m.get("gate", "channel" if g is not None and g.ndim == 4 else "head")
+            self.options["precond"] = m.get("precond", "atk" if "beta_atk" in self.tensors else "none")
+            if self.options["precond"] == "atk":
+                self.options["squash_x"] = float(m.get("squash_x", "1.5"))
+                self.options["squash_eps"] = float(m.get("squash_eps", "1e-6"))
         self.tolerances = {}
         for s in ("float32", "bf16"):
             t = {n: meta_tol(m, "tol_" + s, n) for n in self.expected}
@@ -154,7 +163,8 @@ def load_case(name, dir=None):
 # ---------------------------------------------------------------- regenerating inputs
 
 _GAMMA = 0x9E3779B97F4A7C15
-_STREAM = {"q": 1, "k": 2, "v": 3, "g": 4, "eta": 5, "beta": 5, "h0": 6, "do": 7, "dht": 8}
+_STREAM = {"q": 1, "k": 2, "v": 3, "g": 4, "eta": 5, "beta": 5, "h0": 6, "do": 7, "dht": 8,
+           "g_atk": 9, "beta_atk": 10, "log_atk_scale": 11, "a0": 12, "dat": 13}
 _ROW_SCALE = (1.0, 2.0 ** -12, 2.0 ** 5, 0.0, 2.0 ** -8, 1.0, 2.0 ** 3, 2.0 ** -4)
 
 
@@ -175,6 +185,9 @@ def generate_inputs(entry):
     gen, dims = entry["inputs_from"], entry["dims"]
     K = dims["K"]
     out = {}
+    if "fixed" in gen:  # a worked example: its values are in the entry
+        return {n: np.array(v, np.float64).astype(np.float32).reshape(entry["inputs"][n]["shape"])
+                for n, v in gen["fixed"].items()}
     if gen["values"] == "fixed":  # kla-spec.md section 6
         f = lambda x, s: np.array(x, np.float32).reshape(s)
         return {"q": f([1, 1, 1, 0], (1, 2, 1, 2)), "k": f([2, 0, 1, 1], (1, 2, 1, 2)),
@@ -199,7 +212,15 @@ def generate_inputs(entry):
                 x = (np.floor(u * 9) - 4) / 4
         elif name == "g":
             x = {"zero": np.zeros(n), "m20": np.where(i % 3 == 1, -20.0, -0.5 * u),
-                 "uniform": -0.5 * u}[gen["g"]]
+                 "m5": -5 * u, "uniform": -0.5 * u}[gen["g"]]
+        elif name == "g_atk":
+            x = -0.5 * u
+        elif name == "beta_atk":
+            x = u
+        elif name == "log_atk_scale":
+            x = u - 1
+        elif name == "a0":
+            x = 2 * u
         elif name == "eta":
             x = {"one": np.ones(n), "small": 2.0 ** -10 * (1 + u),
                  "uniform": 0.25 + 1.25 * u}[gen["eta"]]
