@@ -59,7 +59,7 @@ extern "C" {
 #define KLA_VERSION_MINOR 2
 #define KLA_VERSION_PATCH 0
 
-/* "0.2.0" */
+/* "0.3.0" */
 KLA_API const char *kla_version(void);
 
 /* ---- errors: negative errno values ------------------------------------------------ */
@@ -235,6 +235,13 @@ KLA_API int kla_cpu_mask_parse(const char *s, unsigned *mask);
 /* 1 if backend `name` is built and usable here, 0 if built but unusable,
  * KLA_ENOSYS if not built or unknown. */
 KLA_API int kla_backend_available(const char *name);
+/* Variants of the family (kla-spec.md section 7) a backend runs beyond section 1's
+ * operator (gate head, precond none, which every backend runs): KLA_VARIANT_* bits, or
+ * KLA_ENOSYS if the backend is not built or unknown. The others are refused by the
+ * operations with KLA_ENOSYS and a message naming the variant. */
+#define KLA_VARIANT_CHANNEL (1u << 0) /* gate channel (KDA) */
+#define KLA_VARIANT_ATK (1u << 1)     /* precond atk (PDN, PGDN, PKDA) */
+KLA_API int kla_backend_variants(const char *name);
 /* Names of the backends built into this library, in order of preference; NULL ends it. */
 KLA_API const char *const *kla_backend_list(void);
 /* CPU feature levels this machine supports (KLA_CPU_*). */

@@ -10,7 +10,7 @@
 
 #include "kla_internal.h"
 
-const char *kla_version(void) { return "0.2.0"; }
+const char *kla_version(void) { return "0.3.0"; }
 
 const char *kla_strerror(int err)
 {
@@ -91,6 +91,12 @@ int kla_backend_available(const char *name)
     const kla_backend *be = name ? find_backend(name) : NULL;
     if (!be) return KLA_ENOSYS;
     return be->usable() ? 1 : 0;
+}
+
+int kla_backend_variants(const char *name)
+{
+    const kla_backend *be = name ? find_backend(name) : NULL;
+    return be ? (int)be->variants : KLA_ENOSYS;
 }
 
 /* ---- context --------------------------------------------------------------------------- */

@@ -28,15 +28,12 @@ typedef struct kla_io {
     void *astate; /* decode with precond ATK: the ATK states [N, H, K], read and updated */
 } kla_io;
 
-/* Variants of the family (kla-spec.md section 7) a backend runs, beyond gate head and no
- * preconditioner: the glue refuses the others with a message naming the backend. */
-#define KLA_VARIANT_CHANNEL (1u << 0) /* gate channel (KDA) */
-#define KLA_VARIANT_ATK (1u << 1)     /* precond ATK (PDN, PGDN, PKDA) */
+
 
 typedef struct kla_backend {
     const char *name;
     KlaDtype real;  /* KLA_F32 or KLA_F64: the dtype of every real tensor it takes */
-    unsigned variants; /* KLA_VARIANT_* it runs */
+    unsigned variants; /* KLA_VARIANT_* it runs (kla.h); the glue refuses the others */
     int (*usable)(void);    /* 1 when it can run on this machine */
     /* optional per-context state (device handles, thread pools) */
     int (*open)(void **state, const KlaParams *params, char *err, size_t errlen);

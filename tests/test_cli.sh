@@ -233,6 +233,17 @@ def main():
         hand(out, add=[("beta_atk", "F32", [1, 2, 1], [1, 1])])
     elif case == "gchannel":
         hand(out, meta={"gate": "channel"})
+    elif case == "atknobeta":
+        hand(out, meta={"precond": "atk"})
+    elif case == "squash1":
+        hand(out, meta={"squash_x": "1"}, add=[("beta_atk", "F32", [1, 2, 1], [1, 1])])
+    elif case == "gatkpos":
+        hand(out, add=[("beta_atk", "F32", [1, 2, 1], [1, 1]), ("g_atk", "F32", [1, 2, 1], [0, 0.5]),
+                       ("do", "F32", [1, 2, 1, 1], [1, 1])])
+    elif case == "atkfla":
+        hand(out, add=[("beta_atk", "F32", [1, 2, 1], [1, 1]), ("initial_A_state", "F32", [1, 1, 2], [1, 1])])
+    elif case == "atknone":
+        hand(out, meta={"precond": "none"}, add=[("g_atk", "F32", [1, 2, 1], [0, 0])])
     elif case == "scale0":
         hand(out, meta={"scale": "0"})
     elif case == "zerok":
@@ -503,7 +514,8 @@ bad() {
     else ok "$name"; fi
 }
 for c in truncated lying i32q vshape hvmult gpos nank infv noeta noboth both cu_decr cu_end \
-         cu_b2 badeps badl2 badlayout badname misspelt badkey family gchannel scale0 zerok hugescale donan \
+         cu_b2 badeps badl2 badlayout badname misspelt badkey family gchannel atknobeta squash1 gatkpos atkfla \
+         atknone scale0 zerok hugescale donan \
          golden_badcu golden_baddt; do
     gen $c $c.st
 done
@@ -541,9 +553,26 @@ done
 bad "a misspelt h0 is refused with a hint" 'misspelt\.st.*"h_0".*did you mean h0' "$KLA" forward misspelt.st -o bad.st
 bad "an unknown metadata key is refused with a hint" 'badkey\.st.*"scael".*did you mean scale' \
     "$KLA" forward badkey.st -o bad.st
-bad "a family tensor (beta_atk) is refused as not run here" 'family\.st.*"beta_atk".*section 7' \
-    "$KLA" forward family.st -o bad.st
-bad "gate = channel is refused as not run here" 'gchannel\.st.*"gate".*channel' "$KLA" forward gchannel.st -o bad.st
+# the family (kla-spec.md section 7): beta_atk makes it PGDN's preconditioner, which ref runs and simd refuses
+if "$KLA" forward --backend ref64 family.st -o fam.st >out.txt 2>err.txt && gen names fam.st >names.txt &&
+    grep -q '^at ht o$' names.txt && grep -q 'precond=atk' names.txt; then
+    ok "beta_atk runs the ATK preconditioner (at written, precond=atk recorded)"
+else nok "beta_atk runs the ATK preconditioner (at written, precond=atk recorded)"; fi
+if "$KLA" info | grep -Eq '^ +simd +built, usable'; then
+    bad "simd refuses precond atk by name" 'family\.st.*backend simd does not run precond atk' \
+        "$KLA" forward --backend simd family.st -o bad.st
+fi
+bad "gate channel with a 3-dimensional g names g and its shape" \
+    'gchannel\.st.*"g": shape \[1, 2, 1\], expected \[B, T, HV, K\] \(gate channel\)' "$KLA" forward gchannel.st -o bad.st
+bad "precond atk without beta_atk" 'atknobeta\.st.*missing tensor "beta_atk"' "$KLA" forward atknobeta.st -o bad.st
+bad "squash_x <= 1" 'squash1\.st.*"squash_x": 1, must be > 1' "$KLA" forward squash1.st -o bad.st
+for cmd in forward backward decode; do
+    bad "$cmd: g_atk > 0" 'gatkpos\.st.*tensor g_atk: value 0\.5 > 0' "$KLA" $cmd --backend ref gatkpos.st -o bad.st
+done
+bad "fla's initial_A_state is refused with a hint" 'atkfla\.st.*"initial_A_state".*did you mean a0' \
+    "$KLA" forward atkfla.st -o bad.st
+bad "an ATK tensor with precond none" 'atknone\.st.*"g_atk" is only read with precond atk' \
+    "$KLA" forward atknone.st -o bad.st
 # scale "0" is taken literally: o = 0, ht as usual
 if "$KLA" forward --backend ref64 scale0.st -o s0.st >out.txt 2>err.txt &&
     [ "$(gen values s0.st o)" = "0.0 0.0" ] && gen values s0.st ht | grep -q '^0\.81249'; then

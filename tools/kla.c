@@ -32,6 +32,10 @@ static const char *const usage_text[] = {
     "                   [--threads N] IN -o OUT\n"
     "Runs the operator on the inputs of IN (q k v [g] eta|beta [h0] [cu_seqlens], options in\n"
     "__metadata__) and writes o and ht to OUT (F64 with --backend ref64, else F32).\n"
+    "The family (kla-spec.md section 7): g [B, T, HV, K] runs KDA's per-channel decay;\n"
+    "beta_atk [g_atk] [log_atk_scale] [a0] run the ATK preconditioner (PDN, PGDN, PKDA;\n"
+    "in mode kla the step eta / (k^T kw + eps)) and add at to OUT. Metadata gate, precond,\n"
+    "squash_x, squash_eps; `kla info` says which backends run which variant.\n"
     "  --backend B      ref, ref64, ... (default: the library's choice)\n"
     "  --algo A         auto (default), recurrent or chunk\n"
     "  --chunk-size N   16, 32, 64 (default) or 128\n"
@@ -46,7 +50,8 @@ static const char *const usage_text[] = {
     "usage: kla backward [--backend B] [--algo auto|recurrent|chunk] [--chunk-size N]\n"
     "                    [--threads N] IN -o OUT\n"
     "IN holds the forward inputs plus do and optionally dht; OUT gets o, ht and the\n"
-    "gradients dq dk dv dg deta|dbeta (and dh0 when IN has h0).\n"
+    "gradients dq dk dv dg deta|dbeta (and dh0 when IN has h0). With precond atk also at,\n"
+    "dg_atk dbeta_atk dlog_atk_scale da0 (IN may hold dat, the gradient of at).\n"
     "  --backend B      ref, ref64, ... (default: the library's choice)\n"
     "  --algo A         auto (default), recurrent or chunk\n"
     "  --chunk-size N   16, 32, 64 (default) or 128\n"
@@ -58,7 +63,8 @@ static const char *const usage_text[] = {
     "usage: kla decode [--backend B] [--threads N] IN -o OUT\n"
     "Feeds the tokens of IN one at a time through kla_decode (state starting from h0 or\n"
     "zeros, cu_seqlens packing supported) and writes o and ht to OUT; the result should\n"
-    "equal kla forward.\n"
+    "equal kla forward. With precond atk the ATK state is carried too (from a0) and\n"
+    "written as at.\n"
     "  --backend B      ref, ref64, ... (default: the library's choice)\n"
     "  --threads N      worker threads, 0 = all cores (default)\n"
     "  --cpu MASK       CPU levels allowed: 1 AVX2+FMA, 2 AVX-512, 4 NEON, 0 plain C, or\n"
@@ -66,7 +72,8 @@ static const char *const usage_text[] = {
     "  -o, --output OUT output file ('-': standard output)\n",
     /* verify */
     "usage: kla verify GOT --against REF [--tol X] [--tensors a,b,..]\n"
-    "Compares the output tensors of REF (o ht dq dk dv dg deta dbeta dh0, or every tensor\n"
+    "Compares the output tensors of REF (o ht dq dk dv dg deta dbeta dh0, at dg_atk\n"
+    "dbeta_atk dlog_atk_scale da0, y dx loss grad.* new.*, or every tensor\n"
     "when it has none of them) with GOT: rel_rmse = rms(ref - got) / rms(ref) <= tol,\n"
     "every element within max(tol, 1e-4) * (|ref| + rms(ref)), no NaN/Inf where REF is\n"
     "finite. Exit 0 if all pass, 1 otherwise.\n"
@@ -668,6 +675,7 @@ static int cmd_info(int vk_info)
     for (int i = 0; list && list[i]; i++) {
         int a = kla_backend_available(list[i]);
         printf("  %-8s built, %s", list[i], a == 1 ? "usable" : a == 0 ? "not usable here" : kla_strerror(a));
+        const int fam = kla_backend_variants(list[i]);
         /* what a context of it runs with here (CPU level after KLA_CPU_MASK, threads, device);
          * vulkan only when asked for, since opening it takes seconds on some machines */
         KlaParams par;
@@ -685,6 +693,11 @@ static int cmd_info(int vk_info)
             }
             kla_close(&ctx);
         }
+        /* the family's variants (kla-spec.md section 7) it runs besides GDN and KLA */
+        if (fam >= 0)
+            printf("\n           variants: gdn kla%s%s%s", fam & KLA_VARIANT_CHANNEL ? " kda kaczmarz-kda" : "",
+                   fam & KLA_VARIANT_ATK ? " pdn pgdn p-kla" : "",
+                   (fam & KLA_VARIANT_CHANNEL) && (fam & KLA_VARIANT_ATK) ? " pkda kaczmarz-pkda" : "");
         putchar('\n');
     }
     for (int i = 0; known[i]; i++) {
