@@ -23,13 +23,15 @@ if [ ! -f "$BUILD/build.ninja" ]; then
         -Dvulkan=disabled -Dsimd=enabled -Dopenmp=$omp >"${TMPDIR:-/tmp}/kla-neon-setup.$$" 2>&1 ||
         { cat "${TMPDIR:-/tmp}/kla-neon-setup.$$"; echo "Bail out! meson setup failed"; exit 1; }
 fi
-ninja -C "$BUILD" tests/test_ref tests/test_model tests/checkkla >/dev/null || { echo "Bail out! build failed"; exit 1; }
+ninja -C "$BUILD" tests/test_ref tests/test_model tests/test_family tests/checkkla >/dev/null || { echo "Bail out! build failed"; exit 1; }
 
 status=0
 echo "# test_ref (aarch64, qemu)"
 $QEMU "$BUILD/tests/test_ref" || status=1
 echo "# test_model (aarch64, qemu): the training step's reference"
 $QEMU "$BUILD/tests/test_model" || status=1
+echo "# test_family (aarch64, qemu): the delta-rule family's reference"
+$QEMU "$BUILD/tests/test_family" || status=1
 echo "# checkkla (aarch64, qemu): levels c and neon"
 $QEMU "$BUILD/tests/checkkla" "$@" || status=1
 exit $status
