@@ -56,7 +56,7 @@ extern "C" {
 #endif
 
 #define KLA_VERSION_MAJOR 0
-#define KLA_VERSION_MINOR 2
+#define KLA_VERSION_MINOR 3
 #define KLA_VERSION_PATCH 0
 
 /* "0.3.0" */

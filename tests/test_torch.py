@@ -411,6 +411,9 @@ def main():
         ["tensor v", "[2, 5, 4, 3]"])
     err("g [B, T]", lambda: kt.chunk_gated_delta_rule(q, k, v, g[..., 0], b),
         ["tensor g", "[2, 9]", "[B, T, HV]"])
+    err("g [B, T, HV, K] (a per-key-channel decay is chunk_kda's, not GDN's)",
+        lambda: kt.chunk_gated_delta_rule(q, k, v, g[..., None].expand(2, 9, 4, 5), b),
+        ["tensor g", "[2, 9, 4, 5]", "[B, T, HV] = [2, 9, 4]"])
     err("beta with HV - 1 heads", lambda: kt.chunk_gated_delta_rule(q, k, v, g, b[..., :3]),
         ["tensor beta", "[2, 9, 3]", "[2, 9, 4]"])
     err("eta [B, T, HV, 1] in chunk_kla", lambda: kt.chunk_kla(q, k, v, g, b[..., None]),

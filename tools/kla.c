@@ -621,10 +621,9 @@ static int cmd_run(const Cli *c)
             t.dbeta_atk = last_out(&o);
             if (!add_out(&o, "dlog_atk_scale", 1, &s->H)) goto done;
             t.dlog_atk_scale = last_out(&o);
-            if (t.a0.data) {
-                if (!add_out(&o, "da0", 3, nhk)) goto done;
-                t.da0 = last_out(&o);
-            }
+            /* also without a0: the gradient at a0 = 0, as dg without g */
+            if (!add_out(&o, "da0", 3, nhk)) goto done;
+            t.da0 = last_out(&o);
         }
         if (kla_backward(ctx, s, opt, &t) < 0) {
             ferr(c->in, "%s", kla_error_detail(ctx));

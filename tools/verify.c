@@ -194,8 +194,10 @@ static void breakdown(FILE *out, const char *name, const st_tensor *ref, const s
     }
     double per = (double)(ref->numel / nh);
     int64_t over = 0, shown = 0;
-    const char *hn = hdim == 2 && (name[0] == 'q' || name[0] == 'k' || strcmp(name, "dq") == 0 ||
-                                   strcmp(name, "dk") == 0) ? "h" : "hv";
+    /* tensors per key head (q, k, the ATK's) are broken down by h, the others by hv */
+    static const char *const kh[] = { "q", "k", "dq", "dk", "g_atk", "beta_atk", "dg_atk", "dbeta_atk",
+                                      "a0", "at", "dat", "da0", NULL };
+    const char *hn = name_in(name, kh) ? "h" : "hv";
     for (int64_t h = 0; h < nh; h++) {
         double e = sr[h] > 0 ? sqrt(sd[h] / per) / sqrt(sr[h] / per) : sqrt(sd[h] / per);
         if (!(e <= tol)) over++;

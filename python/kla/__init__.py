@@ -9,13 +9,15 @@ Pure Python with numpy:
     kla.generate_inputs(entry)                   a case's inputs from its MANIFEST entry
     kla.compare(outputs, case, tol=None, tensors=None)
                                                  the report of `kla verify`, printed and returned
-With libkla 0.2, through ctypes:
+With libkla 0.3, through ctypes:
     kla.forward(q, k, v, g=..., eta=...)         our reference on any arrays (everything
-    kla.backward(q, k, v, ..., dout=...)         after v by keyword); **case.inputs works
+    kla.backward(q, k, v, ..., dout=...)         after v by keyword); **case.inputs works;
+                                                 the family: gate=, precond=, g_atk=, ...
     kla.describe(backend), kla.last_algo()       what a context runs, what the last call ran
 With PyTorch too (import kla.torch; kla itself never imports torch):
-    kla.torch.chunk_gated_delta_rule, fused_recurrent_gated_delta_rule, chunk_kla
-                                                 flash-linear-attention's signatures, autograd
+    kla.torch.chunk_gated_delta_rule, fused_recurrent_gated_delta_rule, chunk_kla,
+    chunk_kda, chunk_kaczmarz_kda, chunk_precond_gated_delta_rule, chunk_precond_kda,
+    chunk_precond_kla                            flash-linear-attention's signatures, autograd
 
 Where things are found (an error names the variable and lists where it looked):
     libkla       $KLA_LIB; the checkout's build/; `pkg-config --variable=libdir kla`;
@@ -31,7 +33,7 @@ from .ops import KlaError, backward, close_contexts, describe, forward, last_alg
 from .safetensors import load, save
 from .verify import Report, compare
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = ["load", "save", "golden_cases", "golden_dir", "load_case", "Case", "generate_inputs",
            "compare",

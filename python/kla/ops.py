@@ -2,12 +2,20 @@
 
     out = kla.forward(q, k, v, g=g, eta=eta)            # everything after v by keyword
     out = kla.backward(**case.inputs, **case.options)   # a golden case, as stored
+    out = kla.backward(q, k, v, g=g, beta=beta, beta_atk=beta_atk, dout=do)  # PGDN: + at,
+                                                        # dg_atk dbeta_atk dlog_atk_scale da0
 
 Arrays may be anything with __array__ (torch CPU tensors included; see kla.torch for
 autograd); results are numpy arrays, float64 for the backend ref64 and float32 for the
 others. Shapes are checked here first, so a wrong one is reported with the tensor's name
 and the shape expected (ValueError); what the library refuses raises KlaError with its
 message (kla_error_detail).
+
+The delta-rule family (kla-spec.md section 7): gate="channel" (inferred when g has 4
+dimensions) is KDA's per-key-channel decay; precond="atk" (inferred when beta_atk is
+given) adds the ATK preconditioner (PDN, PGDN, PKDA), with inputs g_atk, beta_atk,
+log_atk_scale, a0 (and dat in backward) and outputs at (and dg_atk, dbeta_atk,
+dlog_atk_scale, da0). Only the backends ref and ref64 run the family.
 
 Which libkla: $KLA_LIB (the file, or a folder holding it) when set, and nothing else;
 else the repository's build/ when this package runs from a checkout; else
@@ -39,7 +47,7 @@ import numpy as np
 __all__ = ["forward", "backward", "library", "library_path", "describe", "last_algo",
            "close_contexts", "KlaError", "ABI_VERSION"]
 
-ABI_VERSION = (0, 2)  # the KlaIn/KlaOut/KlaOptions layout these structures mirror
+ABI_VERSION = (0, 3)  # the KlaIn/KlaOut/KlaOptions/KlaTensors layout these structures mirror
 
 
 class KlaError(RuntimeError):
@@ -71,11 +79,15 @@ class _Options(ctypes.Structure):
     _fields_ = [("mode", ctypes.c_int), ("scale", ctypes.c_double), ("eps", ctypes.c_double),
                 ("l2norm_q", ctypes.c_int), ("l2norm_k", ctypes.c_int),
                 ("state_layout", ctypes.c_int), ("algo", ctypes.c_int),
-                ("chunk_size", ctypes.c_int)]
+                ("chunk_size", ctypes.c_int), ("gate", ctypes.c_int), ("precond", ctypes.c_int),
+                ("squash_x", ctypes.c_double), ("squash_eps", ctypes.c_double)]
 
 
-_IN_NAMES = ("q", "k", "v", "g", "eta", "beta", "h0", "cu_seqlens", "dout", "dht")
-_OUT_NAMES = ("o", "ht", "dq", "dk", "dv", "dg", "deta", "dbeta", "dh0", "state")
+# KlaTensors in kla.h order
+_IN_NAMES = ("q", "k", "v", "g", "eta", "beta", "h0", "cu_seqlens", "dout", "dht",
+             "g_atk", "beta_atk", "log_atk_scale", "a0", "dat")
+_OUT_NAMES = ("o", "ht", "dq", "dk", "dv", "dg", "deta", "dbeta", "dh0",
+              "at", "dg_atk", "dbeta_atk", "dlog_atk_scale", "da0", "state", "astate")
 
 
 class _Tensors(ctypes.Structure):
@@ -430,14 +442,15 @@ def _fmt(shape):
     return "[" + ", ".join(str(int(s)) for s in shape) + "]"
 
 
-def _check_shapes(arrs, vk, names):
-    """Shapes of kla-spec.md section 2, named for the caller (names: spec name -> the
-    caller's name for it, e.g. h0 -> initial_state). Returns B, T, H, HV, K, V, N."""
+def _check_shapes(arrs, vk, names, gate="head"):
+    """Shapes of kla-spec.md sections 2 and 7.3, named for the caller (names: spec name ->
+    the caller's name for it, e.g. h0 -> initial_state). gate: head (g [B, T, HV]) or
+    channel (g [B, T, HV, K]). Returns B, T, H, HV, K, V, N."""
     nm = lambda n: names.get(n, n)  # noqa: E731
 
-    def bad(n, a, dims, want):
-        raise ValueError("tensor %s: shape %s, expected %s = %s" % (nm(n), _fmt(a.shape), dims,
-                                                                    _fmt(want)))
+    def bad(n, a, dims, want, why=""):
+        raise ValueError("tensor %s: shape %s, expected %s = %s%s" % (nm(n), _fmt(a.shape), dims,
+                                                                      _fmt(want), why))
 
     q, k, v = arrs["q"], arrs["k"], arrs["v"]
     for n, a in (("q", q), ("k", k), ("v", v)):
@@ -456,7 +469,14 @@ def _check_shapes(arrs, vk, names):
     if H < 1 or HV % H:
         raise ValueError("tensor %s: HV = %d value heads is not a multiple of H = %d key heads "
                          "(of %s)" % (nm("v"), HV, H, nm("q")))
-    for n in ("g", "eta", "beta"):
+    a = arrs.get("g")
+    if a is not None:
+        if gate == "channel" and a.shape != (B, T, HV, K):
+            bad("g", a, "[B, T, HV, K]", (B, T, HV, K), " (gate channel: one decay per key "
+                "channel)")
+        if gate == "head" and a.shape != (B, T, HV):
+            bad("g", a, "[B, T, HV]", (B, T, HV), " (gate head: one decay per value head)")
+    for n in ("eta", "beta"):
         a = arrs.get(n)
         if a is not None and a.shape != (B, T, HV):
             bad(n, a, "[B, T, HV]", (B, T, HV))
@@ -480,19 +500,62 @@ def _check_shapes(arrs, vk, names):
     d = arrs.get("dout")
     if d is not None and d.shape != v.shape:
         bad("dout", d, "[B, T, HV, V] (as %s)" % nm("v"), v.shape)
+    # the ATK preconditioner (section 7.3): per key head
+    for n in ("g_atk", "beta_atk"):
+        a = arrs.get(n)
+        if a is not None and a.shape != (B, T, H):
+            bad(n, a, "[B, T, H] (per key head)", (B, T, H))
+    a = arrs.get("log_atk_scale")
+    if a is not None and a.shape != (H,):
+        bad("log_atk_scale", a, "[H] (per key head)", (H,))
+    for n in ("a0", "dat"):
+        a = arrs.get(n)
+        if a is not None and a.shape != (N, H, K):
+            bad(n, a, "[N, H, K]", (N, H, K))
     return B, T, H, HV, K, V, N
+
+
+ATK_INPUTS = ("g_atk", "beta_atk", "log_atk_scale", "a0", "dat")
+ATK_GRADS = ("dg_atk", "dbeta_atk", "dlog_atk_scale", "da0")
+_OPTIONAL_OUTS = ("ht", "dg", "dh0", "at") + ATK_GRADS
+
+
+def _family(arrs, gate, precond, names):
+    """gate and precond as given or inferred (kla-spec.md 7.3), checked against the
+    tensors present."""
+    nm = lambda n: names.get(n, n)  # noqa: E731
+    g = arrs.get("g")
+    if gate is None:
+        gate = "channel" if g is not None and g.ndim == 4 else "head"
+    if gate not in ("head", "channel"):
+        raise ValueError("gate %r: expected None, 'head' or 'channel'" % (gate,))
+    given = [n for n in ATK_INPUTS if arrs.get(n) is not None]
+    if precond is None:
+        precond = "atk" if arrs.get("beta_atk") is not None else "none"
+        if precond == "none" and given:
+            raise ValueError("tensor %s given without %s: the ATK preconditioner (precond "
+                             "'atk') needs %s" % (nm(given[0]), nm("beta_atk"), nm("beta_atk")))
+    if precond not in ("none", "atk"):
+        raise ValueError("precond %r: expected None, 'none' or 'atk'" % (precond,))
+    if precond == "none" and given:
+        raise ValueError("tensor %s: not used with precond 'none' (the tensors %s belong to "
+                         "precond 'atk')" % (nm(given[0]), ", ".join(nm(n) for n in ATK_INPUTS)))
+    if precond == "atk" and arrs.get("beta_atk") is None:
+        raise ValueError("precond 'atk' needs tensor %s [B, T, H]" % nm("beta_atk"))
+    return gate, precond
 
 
 def run(backward, arrays, mode=None, scale=None, eps=1e-6, l2norm_q=False, l2norm_k=False,
         state_layout="kv", algo="auto", chunk_size=64, backend="ref64", threads=0,
-        names=None, want=None):
+        names=None, want=None, gate=None, precond=None, squash_x=1.5, squash_eps=1e-6):
     """The call behind forward/backward (and kla.torch): arrays maps spec names (q k v g
-    eta beta h0 cu_seqlens dout dht) to arrays or None. want: the optional outputs to
-    compute among ht, dg, dh0 (default all). Returns a dict of numpy arrays."""
+    eta beta h0 cu_seqlens dout dht g_atk beta_atk log_atk_scale a0 dat) to arrays or
+    None. want: the optional outputs to compute among ht, dg, dh0, at, dg_atk, dbeta_atk,
+    dlog_atk_scale, da0 (default all that apply). Returns a dict of numpy arrays."""
     names = names or {}
     arrs = {n: _array(arrays.get(n), ints=(n == "cu_seqlens")) for n in _IN_NAMES}
     if not backward:
-        arrs["dout"] = arrs["dht"] = None
+        arrs["dout"] = arrs["dht"] = arrs["dat"] = None
     if mode is None:
         mode = "kla" if arrs["eta"] is not None else "gdn"
     if mode not in ("kla", "gdn"):
@@ -503,7 +566,9 @@ def run(backward, arrays, mode=None, scale=None, eps=1e-6, l2norm_q=False, l2nor
         raise ValueError("algo %r: expected auto, recurrent or chunk" % (algo,))
     if backward and arrs["dout"] is None:
         raise ValueError("backward needs %s (the gradient of o)" % names.get("dout", "dout"))
-    B, T, H, HV, K, V, N = _check_shapes(arrs, state_layout == "vk", names)
+    gate, precond = _family(arrs, gate, precond, names)
+    atk = precond == "atk"
+    B, T, H, HV, K, V, N = _check_shapes(arrs, state_layout == "vk", names, gate)
 
     lib = library()
     opt = _Options()
@@ -514,19 +579,28 @@ def run(backward, arrays, mode=None, scale=None, eps=1e-6, l2norm_q=False, l2nor
     opt.l2norm_q, opt.l2norm_k = int(bool(l2norm_q)), int(bool(l2norm_k))
     opt.state_layout = 0 if state_layout == "kv" else 1
     opt.algo, opt.chunk_size = ALGOS[algo], int(chunk_size)
+    opt.gate = 0 if gate == "head" else 1
+    opt.precond = 1 if atk else 0
+    opt.squash_x, opt.squash_eps = float(squash_x), float(squash_eps)
     shape = _Shape(B, T, H, HV, K, V, N)
 
     odt = np.float64 if backend == "ref64" else np.float32
     sshape = (N, HV, K, V) if state_layout == "kv" else (N, HV, V, K)
     outs = {"o": np.zeros((B, T, HV, V), odt), "ht": np.zeros(sshape, odt)}
+    if atk:
+        outs["at"] = np.zeros((N, H, K), odt)
     if backward:
         outs.update(dq=np.zeros((B, T, H, K), odt), dk=np.zeros((B, T, H, K), odt),
-                    dv=np.zeros((B, T, HV, V), odt), dg=np.zeros((B, T, HV), odt))
+                    dv=np.zeros((B, T, HV, V), odt),
+                    dg=np.zeros((B, T, HV, K) if gate == "channel" else (B, T, HV), odt))
         outs["deta" if mode == "kla" else "dbeta"] = np.zeros((B, T, HV), odt)
         if arrs["h0"] is not None:
             outs["dh0"] = np.zeros(sshape, odt)
-    if want is not None:  # the optional outputs ht, dg, dh0 only when wanted
-        outs = {n: a for n, a in outs.items() if n in want or n not in ("ht", "dg", "dh0")}
+        if atk:  # every ATK gradient, da0 too (at a0 = 0 when a0 is absent)
+            outs.update(dg_atk=np.zeros((B, T, H), odt), dbeta_atk=np.zeros((B, T, H), odt),
+                        dlog_atk_scale=np.zeros((H,), odt), da0=np.zeros((N, H, K), odt))
+    if want is not None:  # the optional outputs only when wanted
+        outs = {n: a for n, a in outs.items() if n in want or n not in _OPTIONAL_OUTS}
     t = _Tensors()
     for n, a in arrs.items():
         if a is not None:
@@ -551,36 +625,49 @@ def run(backward, arrays, mode=None, scale=None, eps=1e-6, l2norm_q=False, l2nor
     return outs
 
 
-def forward(q, k, v, *, g=None, eta=None, beta=None, h0=None, cu_seqlens=None, mode=None,
+def forward(q, k, v, *, g=None, eta=None, beta=None, h0=None, cu_seqlens=None, g_atk=None,
+            beta_atk=None, log_atk_scale=None, a0=None, mode=None, gate=None, precond=None,
             scale=None, eps=1e-6, l2norm_q=False, l2norm_k=False, state_layout="kv",
-            algo="auto", chunk_size=64, backend="ref64", threads=0, **extra):
-    """Runs the operator. Returns {'o': [B,T,HV,V], 'ht': [N,HV,K,V] (or [N,HV,V,K])}.
+            squash_x=1.5, squash_eps=1e-6, algo="auto", chunk_size=64, backend="ref64",
+            threads=0, **extra):
+    """Runs the operator. Returns {'o': [B,T,HV,V], 'ht': [N,HV,K,V] (or [N,HV,V,K])} and,
+    with precond atk, 'at': [N,H,K] (the final ATK states).
 
     Everything after v is keyword-only (kla.forward(q, k, v, g=g, eta=eta)): a positional
     call cannot silently take beta for eta. Shapes and options as in kla-spec.md; scale
     None means K^-1/2 (any number, 0 included, is used as given); mode None means kla if
-    eta is given, else gdn. algo: auto, recurrent or chunk; backend: ref64 (float64,
-    default), ref (float32), simd, vulkan, auto; threads: worker threads (0: all cores).
-    Keyword inputs 'do'/'dht' (as in case.inputs) are ignored, so
-    kla.forward(**case.inputs, **case.options) works."""
-    extra.pop("do", None)
-    extra.pop("dht", None)
+    eta is given, else gdn. The family (kla-spec.md section 7): gate None means channel
+    when g has 4 dimensions ([B,T,HV,K], KDA), else head; precond None means atk when
+    beta_atk is given, else none; with atk: g_atk, beta_atk [B,T,H], log_atk_scale [H],
+    a0 [N,H,K], squash_x (> 1) and squash_eps (> 0). Only the backends ref and ref64
+    run the family (the others raise KlaError). algo: auto, recurrent or chunk;
+    backend: ref64 (float64, default), ref (float32), simd, vulkan, auto; threads: worker
+    threads (0: all cores). Keyword inputs 'do'/'dht'/'dat' (as in case.inputs) are
+    ignored, so kla.forward(**case.inputs, **case.options) works."""
+    for n in ("do", "dht", "dat"):
+        extra.pop(n, None)
     if extra:
         raise TypeError("forward() got unexpected keyword arguments: %s" % ", ".join(extra))
     return run(False, dict(q=q, k=k, v=v, g=g, eta=eta, beta=beta, h0=h0,
-                           cu_seqlens=cu_seqlens), mode=mode, scale=scale, eps=eps,
-               l2norm_q=l2norm_q, l2norm_k=l2norm_k, state_layout=state_layout, algo=algo,
-               chunk_size=chunk_size, backend=backend, threads=threads)
+                           cu_seqlens=cu_seqlens, g_atk=g_atk, beta_atk=beta_atk,
+                           log_atk_scale=log_atk_scale, a0=a0), mode=mode, scale=scale,
+               eps=eps, l2norm_q=l2norm_q, l2norm_k=l2norm_k, state_layout=state_layout,
+               algo=algo, chunk_size=chunk_size, backend=backend, threads=threads, gate=gate,
+               precond=precond, squash_x=squash_x, squash_eps=squash_eps)
 
 
 def backward(q, k, v, *, g=None, eta=None, beta=None, h0=None, cu_seqlens=None, dout=None,
-             dht=None, mode=None, scale=None, eps=1e-6, l2norm_q=False, l2norm_k=False,
-             state_layout="kv", algo="auto", chunk_size=64, backend="ref64", threads=0,
-             **extra):
-    """Gradients of L = sum(dout * o) + sum(dht * ht). The upstream gradient of o is
-    `dout` (or keyword 'do', as stored in golden files: kla.backward(**case.inputs,
-    **case.options)). Everything after v is keyword-only. Returns o, ht, dq, dk, dv, dg,
-    deta|dbeta and dh0 (when h0 is given); options as in forward()."""
+             dht=None, g_atk=None, beta_atk=None, log_atk_scale=None, a0=None, dat=None,
+             mode=None, gate=None, precond=None, scale=None, eps=1e-6, l2norm_q=False,
+             l2norm_k=False, state_layout="kv", squash_x=1.5, squash_eps=1e-6, algo="auto",
+             chunk_size=64, backend="ref64", threads=0, **extra):
+    """Gradients of L = sum(dout * o) + sum(dht * ht) + sum(dat * at). The upstream
+    gradient of o is `dout` (or keyword 'do', as stored in golden files:
+    kla.backward(**case.inputs, **case.options)). Everything after v is keyword-only.
+    Returns o, ht, dq, dk, dv, dg (the shape of g: [B,T,HV,K] with gate channel),
+    deta|dbeta and dh0 (when h0 is given); with precond atk also at, dg_atk, dbeta_atk
+    [B,T,H], dlog_atk_scale [H] and da0 [N,H,K] (each at its default when the input is
+    absent: g_atk = 0, log_atk_scale = -0.2, a0 = 0). Options as in forward()."""
     if "do" in extra:
         if dout is not None:
             raise TypeError("backward() got both dout and do")
@@ -588,6 +675,9 @@ def backward(q, k, v, *, g=None, eta=None, beta=None, h0=None, cu_seqlens=None, 
     if extra:
         raise TypeError("backward() got unexpected keyword arguments: %s" % ", ".join(extra))
     return run(True, dict(q=q, k=k, v=v, g=g, eta=eta, beta=beta, h0=h0,
-                          cu_seqlens=cu_seqlens, dout=dout, dht=dht), mode=mode, scale=scale,
-               eps=eps, l2norm_q=l2norm_q, l2norm_k=l2norm_k, state_layout=state_layout,
-               algo=algo, chunk_size=chunk_size, backend=backend, threads=threads)
+                          cu_seqlens=cu_seqlens, dout=dout, dht=dht, g_atk=g_atk,
+                          beta_atk=beta_atk, log_atk_scale=log_atk_scale, a0=a0, dat=dat),
+               mode=mode, scale=scale, eps=eps, l2norm_q=l2norm_q, l2norm_k=l2norm_k,
+               state_layout=state_layout, algo=algo, chunk_size=chunk_size, backend=backend,
+               threads=threads, gate=gate, precond=precond, squash_x=squash_x,
+               squash_eps=squash_eps)

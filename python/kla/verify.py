@@ -14,12 +14,17 @@ from .safetensors import load
 
 __all__ = ["compare", "Report", "OUTPUT_NAMES", "default_tol"]
 
-OUTPUT_NAMES = ("o", "ht", "dq", "dk", "dv", "dg", "deta", "dbeta", "dh0")
+OUTPUT_NAMES = ("o", "ht", "dq", "dk", "dv", "dg", "deta", "dbeta", "dh0",
+                "at", "dg_atk", "dbeta_atk", "dlog_atk_scale", "da0")
 
+# index names by tensor name and rank, as tools/verify.c (kla-spec.md sections 2 and 7.3)
 _QK = ("q", "k", "dq", "dk")
 _VO = ("v", "o", "dv", "do")
 _GB = ("g", "eta", "beta", "dg", "deta", "dbeta")
 _ST = ("h0", "ht", "dh0", "dht")
+_GC = ("g", "dg")                                        # gate channel: [B, T, HV, K]
+_GA = ("g_atk", "beta_atk", "dg_atk", "dbeta_atk")       # [B, T, H]
+_AS = ("a0", "at", "dat", "da0")                         # the ATK state: [N, H, K]
 
 
 ELEM_TOL = 1e-4  # tools/verify.h VERIFY_ELEM_TOL
@@ -62,6 +67,14 @@ def format_index(name, shape, vk, flat):
         dn = ("b", "t", "hv", "v")
     elif nd == 3 and name in _GB:
         dn = ("b", "t", "hv")
+    elif nd == 4 and name in _GC:
+        dn = ("b", "t", "hv", "k")
+    elif nd == 3 and name in _GA:
+        dn = ("b", "t", "h")
+    elif nd == 3 and name in _AS:
+        dn = ("n", "h", "k")
+    elif nd == 1 and name == "dlog_atk_scale":
+        dn = ("h",)
     elif nd == 4 and name in _ST:
         dn = ("n", "hv", "v", "k") if vk else ("n", "hv", "k", "v")
     idx, rest = [], int(flat)
@@ -169,11 +182,13 @@ def _seqsum(x, axis=-1):
 
 
 def _breakdown(name, shape, r, g, tol, rms_ref):
-    """tools/verify.c breakdown(): rel_rmse per head, first token over tol."""
+    """tools/verify.c breakdown(): rel_rmse per head, first token over tol. The head
+    label is 'h' for q, k, dq, dk and 'hv' for every other tensor, the ATK's per key
+    head ones included, as tools/verify.c prints it."""
     nd = len(shape)
-    if (nd == 4 and name in _QK + _VO) or (nd == 3 and name in _GB):
+    if (nd == 4 and name in _QK + _VO + _GC) or (nd == 3 and name in _GB + _GA):
         hdim, tdim = 2, 1
-    elif nd == 4 and name in _ST:
+    elif (nd == 4 and name in _ST) or (nd == 3 and name in _AS):
         hdim, tdim = 1, -1
     else:
         return []
@@ -187,7 +202,7 @@ def _breakdown(name, shape, r, g, tol, rms_ref):
     r3 = (r * r).reshape(-1, nh, inner).transpose(1, 0, 2).reshape(nh, -1)
     sd, sr = _seqsum(d3), _seqsum(r3)
     per = float(r.size // nh)
-    hn = "h" if hdim == 2 and name in _QK else "hv"
+    hn = "h" if name in _QK + _GA + _AS else "hv"  # per key head: h
     parts, over = [], 0
     for h in range(nh):
         e = (math.sqrt(sd[h] / per) / math.sqrt(sr[h] / per) if sr[h] > 0
@@ -254,7 +269,8 @@ def compare(outputs, case, tol=None, tensors=None, file=sys.stdout):
     every golden case; kla verify's defaults otherwise); "bf16" (or "float32") picks
     that set; a number applies to every tensor; a dict maps names to tolerances.
     tensors: names to compare (list or comma-separated string); default: the
-    reference's output tensors (o ht dq dk dv dg deta dbeta dh0), else all of them.
+    reference's output tensors (o ht dq dk dv dg deta dbeta dh0 at dg_atk dbeta_atk
+    dlog_atk_scale da0), else all of them.
     """
     if isinstance(case, str) and not case.endswith(".safetensors") and "/" not in case:
         from .golden import load_case
