@@ -169,6 +169,7 @@ static real atk_scale(const io *x, int64_t h)
  *     kw_t = k_t * m_t                                           the write key
  *
  * k is khat. It does not depend on the state, so it runs first. Writes at[n, h].
+ * docs/algorithm.md section 10 derives it, section 11 the Kaczmarz step that uses kw.
  */
 static void atk_scan(const kla_problem *p, const io *x, prepared *P, int64_t n, int64_t h)
 {
@@ -270,8 +271,8 @@ static void prepare_backward(const kla_problem *p, const io *x, const prepared *
             }
         }
     /*
-     * The ATK scan, in reverse over each sequence's tokens, abar the adjoint of a_t (from
-     * dat at the end), lambda = ln x:
+     * The ATK scan (docs/algorithm.md 12.3), in reverse over each sequence's tokens, abar
+     * the adjoint of a_t (from dat at the end), lambda = ln x:
      *   kw = khat * m:          dkhat += dkw * m;  dm = dkw * khat
      *   m = exp(-lambda s):     ds = -lambda m dm
      *   s = r / (1 + |r|):      dr = ds / (1 + |r|)^2
@@ -397,7 +398,7 @@ static void recurrent_forward(const kla_problem *p, const prepared *P, const io 
  * Only exp of differences G_i - G_j <= 0 is taken, so nothing overflows. A scalar decay
  * would let the decay factor out of A (A = D A_0 D^-1, the WY trick of fast kernels);
  * a per-channel one does not, so A carries the decay inside its channel sum, evaluated
- * here as the full decay tensor E_ij[c] for j <= i (docs/algorithm.md, "KDA").
+ * here as the full decay tensor E_ij[c] for j <= i (docs/algorithm.md sections 9.1 to 9.4).
  */
 typedef struct chunk_work {
     int64_t C, K, V;
