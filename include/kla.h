@@ -291,6 +291,14 @@ KLA_API void kla_state_free(KlaState **st);
 KLA_API int kla_state_write(KlaState *st, KlaIn src, KlaStateLayout layout);
 /* Copies the state into dst (shape, dtype and layout as for kla_state_write). */
 KLA_API int kla_state_read(KlaState *st, KlaOut dst, KlaStateLayout layout);
+/* A KlaState that also holds the ATK states [N, H, K] of the preconditioned variants
+ * (precond atk), zero when new, for kla_decode_state with precond atk (t->astate absent).
+ * Only on backends that run precond atk (kla_backend_variants); H divides HV. */
+KLA_API int kla_state_new_atk(KlaContext *ctx, int64_t N, int64_t H, int64_t HV, int64_t K, int64_t V,
+                              KlaState **st);
+/* Sets (values finite and >= 0) or copies out its ATK states, [N, H, K], F32 or F64. */
+KLA_API int kla_state_write_atk(KlaState *st, KlaIn src);
+KLA_API int kla_state_read_atk(KlaState *st, KlaOut dst);
 /* kla_decode reading and updating st instead of t->state (which must be absent); shape->B,
  * HV, K and V must be those of st. opt->state_layout does not apply. */
 KLA_API int kla_decode_state(KlaContext *ctx, const KlaShape *shape, const KlaOptions *opt,

@@ -279,6 +279,8 @@ struct KlaState {
     int64_t N, HV, K, V, n; /* n = N HV K V */
     void *host;             /* backends without state hooks: backend dtype, KV layout */
     void *h;                /* else the backend's handle */
+    int64_t H, na;          /* kla_state_new_atk: key heads, na = N H K; else 0 */
+    void *ahost;            /* the ATK states [N, H, K], backend dtype (host memory) */
 };
 
 /* Sizes of one call, once validated. */
@@ -541,7 +543,8 @@ static int check_step(KlaContext *ctx, const sizes *z, const KlaOptions *o, cons
 
 /* Which tensors of the preconditioner a call takes: none without it; beta_atk always
  * with it, the ATK state as a0/at outside decode and astate in decode. */
-static int check_atk_tensors(KlaContext *ctx, const KlaOptions *o, const KlaTensors *t, op_kind op)
+static int check_atk_tensors(KlaContext *ctx, const KlaShape *s, const KlaOptions *o, const KlaTensors *t,
+                             op_kind op, const KlaState *st)
 {
     int r;
     const int decode = op == OP_DECODE || op == OP_DECODE_STATE;
@@ -555,6 +558,9 @@ static int check_atk_tensors(KlaContext *ctx, const KlaOptions *o, const KlaTens
         };
         for (size_t i = 0; i < sizeof x / sizeof x[0]; i++)
             if ((r = forbid(ctx, x[i].name, x[i].data, why))) return r;
+        if (op == OP_DECODE_STATE && st->ahost)
+            return kla__fail(ctx, KLA_EINVAL, "KlaState: holds an ATK state (kla_state_new_atk), but precond "
+                             "is none");
         return 0;
     }
     if (!t->beta_atk.data) return kla__fail(ctx, KLA_EINVAL, "tensor beta_atk: missing (precond atk)");
@@ -565,9 +571,15 @@ static int check_atk_tensors(KlaContext *ctx, const KlaOptions *o, const KlaTens
         if ((r = forbid(ctx, "a0", t->a0.data, "in decode (the ATK state is t->astate)")) ||
             (r = forbid(ctx, "at", t->at.data, "in decode (the ATK state is updated in place)")))
             return r;
-        if (op == OP_DECODE_STATE)
-            return kla__fail(ctx, KLA_ENOSYS, "KlaState: does not hold the ATK state of precond atk yet; "
-                             "use kla_decode with t->astate");
+        if (op == OP_DECODE_STATE) {
+            if (!st->ahost)
+                return kla__fail(ctx, KLA_EINVAL, "KlaState: made without the ATK state that precond atk "
+                                 "carries (make it with kla_state_new_atk)");
+            if (st->H != s->H)
+                return kla__fail(ctx, KLA_EINVAL, "KlaState: its ATK state has H=%lld key heads, the shape asks "
+                                 "for H=%lld", (long long)st->H, (long long)s->H);
+            return forbid(ctx, "astate", t->astate.data, "with a KlaState (the ATK state is in it)");
+        }
         if (!t->astate.data) return kla__fail(ctx, KLA_EINVAL, "tensor astate: missing (decode with precond atk)");
         if ((r = NEED_OUT(astate, 1))) return r;
     } else if ((r = forbid(ctx, "astate", t->astate.data, "outside decode")) || (r = NEED_OUT(at, 0))) {
@@ -665,7 +677,7 @@ static int check_call(KlaContext *ctx, const KlaShape *s, const KlaOptions *o,
             (r = forbid(ctx, "dh0", t->dh0.data, why)))
             return r;
     }
-    if ((r = check_atk_tensors(ctx, o, t, op))) return r;
+    if ((r = check_atk_tensors(ctx, s, o, t, op, st))) return r;
 
     /* sizes: every present tensor holds exactly what its shape asks for */
     slot si[NIN], so[NOUT];
@@ -954,7 +966,7 @@ static int run_checked(KlaContext *ctx, const KlaShape *shape, const KlaOptions 
         else if (op == OP_BACKWARD) r = ctx->be->backward(st, &p, &io);
         else if (op == OP_DECODE) r = ctx->be->decode(st, &p, &io);
         else if (kst->h) io.state = kst->h, r = ctx->be->decode_state(st, &p, &io);
-        else io.state = kst->host, r = ctx->be->decode(st, &p, &io);
+        else io.state = kst->host, io.astate = kst->ahost, r = ctx->be->decode(st, &p, &io);
         if (r < 0 && !ctx->detail[0])
             kla__fail(ctx, r, "backend %s: %s", ctx->be->name, kla_strerror(r));
         computed = !r;
@@ -1030,7 +1042,7 @@ static int state_new(KlaContext *ctx, int64_t N, int64_t HV, int64_t K, int64_t 
     if (!mul4(N, HV, K, V, &n)) return kla__fail(ctx, KLA_ENOMEM, "KlaState: sizes overflow");
     KlaState *st = calloc(1, sizeof *st);
     if (!st) return kla__fail(ctx, KLA_ENOMEM, "KlaState: out of memory");
-    *st = (KlaState){ ctx, N, HV, K, V, n, NULL, NULL };
+    *st = (KlaState){ .ctx = ctx, .N = N, .HV = HV, .K = K, .V = V, .n = n };
     const int64_t bytes = n * (int64_t)dsize(ctx->be->real);
     int r = 0;
     if (ctx->be->state_new) r = ctx->be->state_new(ctx->state, bytes, &st->h);
@@ -1055,10 +1067,73 @@ int kla_state_new(KlaContext *ctx, int64_t N, int64_t HV, int64_t K, int64_t V, 
     return leave(ctx, state_new(ctx, N, HV, K, V, out));
 }
 
+int kla_state_new_atk(KlaContext *ctx, int64_t N, int64_t H, int64_t HV, int64_t K, int64_t V, KlaState **out)
+{
+    if (out) *out = NULL;
+    if (!ctx) return KLA_EINVAL;
+    int r = enter(ctx, "kla_state_new_atk");
+    if (r) return r;
+    if (!out) return leave(ctx, kla__fail(ctx, KLA_EINVAL, "KlaState: NULL result pointer"));
+    if (!(ctx->be->variants & KLA_VARIANT_ATK))
+        return leave(ctx, kla__fail(ctx, KLA_ENOSYS, "KlaState: backend %s does not run precond atk yet (backends "
+                                    "ref and ref64 do)", ctx->be->name));
+    if (H <= 0 || HV <= 0 || HV % H)
+        return leave(ctx, kla__fail(ctx, KLA_EINVAL, "KlaState: H = %lld, must be > 0 and divide HV = %lld",
+                                    (long long)H, (long long)HV));
+    int64_t na;
+    if (!mul4(N > 0 ? N : 1, H, K > 0 ? K : 1, 1, &na)) return leave(ctx, kla__fail(ctx, KLA_ENOMEM, "KlaState: sizes overflow"));
+    KlaState *st = NULL;
+    if ((r = state_new(ctx, N, HV, K, V, &st))) return leave(ctx, r);
+    st->H = H, st->na = na;
+    /* a backend running the family keeps states on the host (no state hooks) */
+    if (!(st->ahost = calloc((size_t)na, dsize(ctx->be->real)))) {
+        kla_state_free(&st);
+        return leave(ctx, kla__fail(ctx, KLA_ENOMEM, "KlaState: out of memory for the ATK state"));
+    }
+    *out = st;
+    return leave(ctx, 0);
+}
+
+/* the ATK state <-> a caller's [N, H, K] tensor */
+static int state_atk_xfer(KlaState *st, void *data, KlaDtype dt, int64_t numel, int to_state)
+{
+    KlaContext *ctx = st->ctx;
+    const char *name = to_state ? "src" : "dst";
+    if (!st->ahost)
+        return kla__fail(ctx, KLA_EINVAL, "KlaState: made without an ATK state (kla_state_new_atk makes one)");
+    if (!data) return kla__fail(ctx, KLA_EINVAL, "KlaState: %s is NULL", name);
+    if (dt != KLA_F32 && dt != KLA_F64)
+        return kla__fail(ctx, KLA_EINVAL, "KlaState: %s has dtype %d, expected F32 or F64", name, (int)dt);
+    const int64_t sh[] = { st->N, st->H, st->K };
+    int r = need_numel(ctx, name, data, numel, "[N, H, K]", sh, 3);
+    if (r) return r;
+    if (to_state && (r = kla__check_values(ctx, "astate", (KlaIn){ data, dt, numel }, sh, 3, 1))) return r;
+    if (to_state) convert(data, dt, st->ahost, ctx->be->real, st->na);
+    else convert(st->ahost, ctx->be->real, data, dt, st->na);
+    return 0;
+}
+
+int kla_state_write_atk(KlaState *st, KlaIn src)
+{
+    if (!st) return KLA_EINVAL;
+    int r = enter(st->ctx, "kla_state_write_atk");
+    if (r) return r;
+    return leave(st->ctx, state_atk_xfer(st, (void *)src.data, src.dtype, src.numel, 1));
+}
+
+int kla_state_read_atk(KlaState *st, KlaOut dst)
+{
+    if (!st) return KLA_EINVAL;
+    int r = enter(st->ctx, "kla_state_read_atk");
+    if (r) return r;
+    return leave(st->ctx, state_atk_xfer(st, dst.data, dst.dtype, dst.numel, 0));
+}
+
 void kla_state_free(KlaState **st)
 {
     if (!st || !*st) return;
     if ((*st)->h) (*st)->ctx->be->state_free((*st)->ctx->state, (*st)->h);
+    free((*st)->ahost);
     free((*st)->host);
     free(*st);
     *st = NULL;

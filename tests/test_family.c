@@ -462,6 +462,45 @@ static void check_projection_decode(KlaContext *ctx)
     }
 }
 
+/* kla_decode_state with a KlaState holding the ATK state (kla_state_new_atk) equals forward */
+static void check_state_atk(KlaContext *ctx)
+{
+    fam f;
+    fam_make(&f, KLA_MODE_KLA, 1, 1, 1, 15, 2, 4, 3, 2, NULL, 0, 0);
+    const int64_t H = 2, HV = 4, K = 3, V = 2, T = 15, gw = HV * K;
+    KlaState *ks = NULL;
+    int rc = kla_state_new_atk(ctx, 1, H, HV, K, V, &ks);
+    if (!rc) rc = kla_state_write(ks, KLA_F64_IN(f.x[H0], f.nst), KLA_LAYOUT_KV);
+    if (!rc) rc = kla_state_write_atk(ks, KLA_F64_IN(f.x[A0], f.nat));
+    double *o = calloc((size_t)f.no, sizeof(double)), *ht = calloc((size_t)f.nst, sizeof(double));
+    double *at = calloc((size_t)f.nat, sizeof(double));
+    for (int64_t t = 0; t < T && !rc; t++) {
+        KlaTensors d;
+        memset(&d, 0, sizeof d);
+        d.q = KLA_F64_IN(f.x[Q] + t * H * K, H * K), d.k = KLA_F64_IN(f.x[Kk] + t * H * K, H * K);
+        d.v = KLA_F64_IN(f.x[Vv] + t * HV * V, HV * V), d.g = KLA_F64_IN(f.x[G] + t * gw, gw);
+        d.eta = KLA_F64_IN(f.x[A] + t * HV, HV);
+        d.g_atk = KLA_F64_IN(f.x[GATK] + t * H, H), d.beta_atk = KLA_F64_IN(f.x[BATK] + t * H, H);
+        d.log_atk_scale = KLA_F64_IN(f.x[LATK], H);
+        d.o = KLA_F64_OUT(o + t * HV * V, HV * V);
+        KlaShape s1 = f.s;
+        s1.T = 1;
+        rc = kla_decode_state(ctx, &s1, &f.o, &d, ks);
+    }
+    if (!rc) rc = kla_state_read(ks, KLA_F64_OUT(ht, f.nst), KLA_LAYOUT_KV);
+    if (!rc) rc = kla_state_read_atk(ks, KLA_F64_OUT(at, f.nat));
+    res r;
+    res_alloc(&r, &f);
+    rc |= fam_run(ctx, &f, KLA_ALGO_RECURRENT, 64, 0, &r);
+    double e = fmax(fmax(rel(o, r.o, f.no), rel(ht, r.ht, f.nst)), rel(at, r.at, f.nat));
+    check(!rc && e < 1e-14, "kla_decode_state with kla_state_new_atk (Kaczmarz-PKDA, H 2, HV 4) equals forward: "
+          "o, states and ATK states (%.1e%s%s)", e, rc ? ", " : "", rc ? kla_error_detail(ctx) : "");
+    res_free(&r);
+    kla_state_free(&ks);
+    free(o), free(ht), free(at);
+    fam_free(&f);
+}
+
 static void check_equivalences(KlaContext *ctx)
 {
     /* a channel gate with equal channels is gate head: o, ht, and dg summed over channels */
@@ -635,8 +674,25 @@ static void check_errors(KlaContext *ctx, KlaContext *simd)
         v = td, v.a0 = (KlaIn){ 0 }, v.state = (KlaOut){ 0 };
         KlaShape s1 = d.s;
         r = r ? r : kla_decode_state(ctx, &s1, &d.o, &v, ks);
-        check(r == KLA_ENOSYS && strstr(kla_error_detail(ctx), "KlaState: does not hold the ATK state"),
-              "refused: kla_decode_state with precond atk (%d, \"%s\")", r, kla_error_detail(ctx));
+        check(r == KLA_EINVAL && strstr(kla_error_detail(ctx), "KlaState: made without the ATK state"),
+              "refused: kla_decode_state with precond atk on a KlaState without one (%d, \"%s\")", r,
+              kla_error_detail(ctx));
+        kla_state_free(&ks);
+        r = kla_state_new_atk(ctx, 1, 1, 1, 3, 2, &ks);
+        double neg[3] = { 1, -1, 0 };
+        int w = r ? r : kla_state_write_atk(ks, KLA_F64_IN(neg, 3));
+        check(w == KLA_ERANGE && strstr(kla_error_detail(ctx), "tensor astate: value -1 < 0"),
+              "refused: a negative ATK state written to a KlaState (\"%s\")", kla_error_detail(ctx));
+        w = r ? r : kla_state_write_atk(ks, KLA_F64_IN(neg, 2));
+        check(w == KLA_EINVAL && strstr(kla_error_detail(ctx), "expected [N, H, K]"),
+              "refused: an ATK state of the wrong size (\"%s\")", kla_error_detail(ctx));
+        KlaOptions on = d.o;
+        on.precond = KLA_PRECOND_NONE;
+        KlaTensors vn = v;
+        vn.g_atk = vn.beta_atk = vn.log_atk_scale = (KlaIn){ 0 };
+        w = r ? r : kla_decode_state(ctx, &s1, &on, &vn, ks);
+        check(w == KLA_EINVAL && strstr(kla_error_detail(ctx), "holds an ATK state (kla_state_new_atk), but precond is none"),
+              "refused: a KlaState with an ATK state and precond none (\"%s\")", kla_error_detail(ctx));
         kla_state_free(&ks);
         free(od), free(st);
         fam_free(&d);
@@ -651,6 +707,10 @@ static void check_errors(KlaContext *ctx, KlaContext *simd)
         r = kla_forward(simd, &f.s, &f.o, &u);
         check(r == KLA_ENOSYS && strstr(kla_error_detail(simd), "does not run precond atk"),
               "simd refuses precond atk by name (\"%s\")", kla_error_detail(simd));
+        KlaState *ks = NULL;
+        r = kla_state_new_atk(simd, 1, 1, 2, 3, 2, &ks);
+        check(r == KLA_ENOSYS && !ks && strstr(kla_error_detail(simd), "KlaState: backend simd does not run precond atk"),
+              "simd refuses kla_state_new_atk by name (\"%s\")", kla_error_detail(simd));
     }
     free(o), free(at);
     fam_free(&f);
@@ -677,6 +737,7 @@ int main(int argc, char **argv)
     check_examples(c64);
     check_projection_decode(c64);
     check_equivalences(c64);
+    check_state_atk(c64);
     check_strong_decays(c64, c32);
     check_errors(c64, simd);
 

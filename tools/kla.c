@@ -458,9 +458,11 @@ static int run_decode(KlaContext *ctx, const Problem *p, void *o_all, void *ht, 
     /* While every sequence is active, the states stay in a KlaState (GPU memory on vulkan);
      * from the first step where some sequence has ended, they are copied back and each step
      * gathers the active sequences' states on the host. */
-    /* (a KlaState does not hold the ATK state: with precond atk the states stay on the host) */
-    if (maxlen > 0 && !atk && (kla_state_new(ctx, N, s->HV, s->K, s->V, &kst) < 0 ||
-                       kla_state_write(kst, KLA_IN(ht, sdt, N * srow), p->p.opt.state_layout) < 0)) {
+    /* (with precond atk the KlaState holds the ATK states too) */
+    if (maxlen > 0 && ((atk ? kla_state_new_atk(ctx, N, s->H, s->HV, s->K, s->V, &kst)
+                            : kla_state_new(ctx, N, s->HV, s->K, s->V, &kst)) < 0 ||
+                       kla_state_write(kst, KLA_IN(ht, sdt, N * srow), p->p.opt.state_layout) < 0 ||
+                       (atk && kla_state_write_atk(kst, KLA_IN(at, sdt, N * arow)) < 0))) {
         ferr(p->path, "%s", kla_error_detail(ctx));
         goto done;
     }
@@ -470,7 +472,8 @@ static int run_decode(KlaContext *ctx, const Problem *p, void *o_all, void *ht, 
             if (len[n] > step) act[na] = n, rows[na++] = start[n] + step;
         const int all = na == N;
         if (!all && kst) {
-            if (kla_state_read(kst, KLA_OUT(ht, sdt, N * srow), p->p.opt.state_layout) < 0) {
+            if (kla_state_read(kst, KLA_OUT(ht, sdt, N * srow), p->p.opt.state_layout) < 0 ||
+                (atk && kla_state_read_atk(kst, KLA_OUT(at, sdt, N * arow)) < 0)) {
                 ferr(p->path, "%s", kla_error_detail(ctx));
                 goto done;
             }
@@ -503,7 +506,7 @@ static int run_decode(KlaContext *ctx, const Problem *p, void *o_all, void *ht, 
                 memcpy((char *)bas + (size_t)(i * arow) * oes, (char *)at + (size_t)(act[i] * arow) * oes,
                        (size_t)arow * oes);
         }
-        if (atk) t.astate = KLA_OUT(astate, sdt, na * arow);
+        if (atk && !kst) t.astate = KLA_OUT(astate, sdt, na * arow);
         KlaShape ds = *s;
         ds.B = ds.N = na;
         ds.T = 1;
@@ -524,7 +527,8 @@ static int run_decode(KlaContext *ctx, const Problem *p, void *o_all, void *ht, 
                        (size_t)arow * oes);
         }
     }
-    if (kst && kla_state_read(kst, KLA_OUT(ht, sdt, N * srow), p->p.opt.state_layout) < 0) {
+    if (kst && (kla_state_read(kst, KLA_OUT(ht, sdt, N * srow), p->p.opt.state_layout) < 0 ||
+                (atk && kla_state_read_atk(kst, KLA_OUT(at, sdt, N * arow)) < 0))) {
         ferr(p->path, "%s", kla_error_detail(ctx));
         goto done;
     }
