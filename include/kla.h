@@ -75,7 +75,10 @@ KLA_API const char *kla_version(void);
 KLA_API const char *kla_strerror(int err);
 
 /* ---- tensors ---------------------------------------------------------------------- */
-typedef enum KlaDtype { KLA_F32 = 0, KLA_F64 = 1, KLA_I32 = 2, KLA_I64 = 3 } KlaDtype;
+/* Real tensors may be F32, F64, F16 (IEEE binary16) or BF16 (bfloat16), in and out:
+ * backends compute in float32 or float64 (16-bit inputs widened exactly, 16-bit outputs
+ * rounded to nearest even). cu_seqlens is I32 or I64. */
+typedef enum KlaDtype { KLA_F32 = 0, KLA_F64 = 1, KLA_I32 = 2, KLA_I64 = 3, KLA_F16 = 4, KLA_BF16 = 5 } KlaDtype;
 
 /* An input tensor: data == NULL means absent. numel is the number of elements the
  * buffer holds; every call checks it against the element count the shape asks for and
@@ -99,6 +102,10 @@ typedef struct KlaOut {
 #define KLA_F64_IN(p, n) KLA_IN((p), KLA_F64, (n))
 #define KLA_F32_OUT(p, n) KLA_OUT((p), KLA_F32, (n))
 #define KLA_F64_OUT(p, n) KLA_OUT((p), KLA_F64, (n))
+#define KLA_F16_IN(p, n) KLA_IN((p), KLA_F16, (n))   /* p: uint16_t, IEEE binary16 bits */
+#define KLA_BF16_IN(p, n) KLA_IN((p), KLA_BF16, (n)) /* p: uint16_t, bfloat16 bits */
+#define KLA_F16_OUT(p, n) KLA_OUT((p), KLA_F16, (n))
+#define KLA_BF16_OUT(p, n) KLA_OUT((p), KLA_BF16, (n))
 
 /* ---- the problem ------------------------------------------------------------------ */
 typedef struct KlaShape {

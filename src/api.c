@@ -269,8 +269,8 @@ static int mul4(int64_t a, int64_t b, int64_t c, int64_t d, int64_t *r)
     return mul(a, b, &x) && mul(x, c, &y) && mul(y, d, r);
 }
 
-static int is_real(KlaDtype d) { return d == KLA_F32 || d == KLA_F64; }
-static size_t dsize(KlaDtype d) { return d == KLA_F64 || d == KLA_I64 ? 8 : 4; }
+static int is_real(KlaDtype d) { return d == KLA_F32 || d == KLA_F64 || d == KLA_F16 || d == KLA_BF16; }
+static size_t dsize(KlaDtype d) { return d == KLA_F64 || d == KLA_I64 ? 8 : d == KLA_F16 || d == KLA_BF16 ? 2 : 4; }
 
 typedef enum { OP_FORWARD, OP_BACKWARD, OP_DECODE, OP_DECODE_STATE } op_kind;
 
@@ -327,7 +327,8 @@ static int need_real(KlaContext *ctx, const char *name, const void *data, KlaDty
 {
     if (!data) return required ? kla__fail(ctx, KLA_EINVAL, "tensor %s: missing", name) : 0;
     if (!is_real(d))
-        return kla__fail(ctx, KLA_EINVAL, "tensor %s: dtype %d, must be KLA_F32 or KLA_F64", name, (int)d);
+        return kla__fail(ctx, KLA_EINVAL, "tensor %s: dtype %d, must be KLA_F32, KLA_F64, KLA_F16 or KLA_BF16",
+                         name, (int)d);
     return 0;
 }
 #define NEED_IN(name, req) need_real(ctx, #name, t->name.data, t->name.dtype, req)
@@ -518,15 +519,13 @@ static int check_step(KlaContext *ctx, const sizes *z, const KlaOptions *o, cons
                 double nk = 0;
                 for (int64_t i = 0; i < z->K; i++) {
                     const int64_t j = (r * z->H + h) * z->K + i;
-                    const double x = t->k.dtype == KLA_F32 ? ((const float *)t->k.data)[j]
-                                                          : ((const double *)t->k.data)[j];
+                    const double x = kla__get_real(t->k.data, t->k.dtype, j);
                     nk += x * x;
                 }
                 if (o->l2norm_k) nk = nk / (nk + 1e-6); /* ||l2norm(k)||^2 */
                 for (int64_t hv = h * G; hv < (h + 1) * G; hv++) {
                     const int64_t j = r * z->HV + hv;
-                    const double eta = t->eta.dtype == KLA_F32 ? ((const float *)t->eta.data)[j]
-                                                              : ((const double *)t->eta.data)[j];
+                    const double eta = kla__get_real(t->eta.data, t->eta.dtype, j);
                     if (isfinite(eta / (nk + o->eps))) continue;
                     char where[96];
                     if (decode) snprintf(where, sizeof where, "n=%lld, hv=%lld", (long long)r, (long long)hv);
@@ -736,10 +735,12 @@ static void convert(const void *src, KlaDtype sd, void *dst, KlaDtype dd, int64_
 {
     if (sd == dd) {
         memcpy(dst, src, (size_t)n * dsize(sd));
-    } else if (sd == KLA_F32) {
+    } else if (sd == KLA_F32 && dd == KLA_F64) {
         for (int64_t i = 0; i < n; i++) ((double *)dst)[i] = ((const float *)src)[i];
-    } else {
+    } else if (sd == KLA_F64 && dd == KLA_F32) {
         for (int64_t i = 0; i < n; i++) ((float *)dst)[i] = (float)((const double *)src)[i];
+    } else { /* a 16-bit side: widened exactly, or rounded once to nearest even */
+        for (int64_t i = 0; i < n; i++) kla__put_real(dst, dd, i, kla__get_real(src, sd, i));
     }
 }
 
@@ -751,9 +752,7 @@ static void transpose(const void *src, KlaDtype sd, void *dst, KlaDtype dd, int6
         for (int64_t i = 0; i < R; i++)
             for (int64_t j = 0; j < Cc; j++) {
                 const int64_t a = (m * R + i) * Cc + j, b = (m * Cc + j) * R + i;
-                double x = sd == KLA_F32 ? ((const float *)src)[a] : ((const double *)src)[a];
-                if (dd == KLA_F32) ((float *)dst)[b] = (float)x;
-                else ((double *)dst)[b] = x;
+                kla__put_real(dst, dd, b, kla__get_real(src, sd, a));
             }
 }
 
@@ -802,7 +801,7 @@ static int check_finite_out(KlaContext *ctx, const slot *x, const void *data, Kl
 {
     if (!data) return 0;
     for (int64_t i = 0; i < x->n; i++) {
-        const double v = dt == KLA_F32 ? ((const float *)data)[i] : ((const double *)data)[i];
+        const double v = kla__get_real(data, dt, i);
         if (isfinite(v)) continue;
         int64_t idx[4], r = i;
         for (int d = x->ndim - 1; d >= 0; d--) idx[d] = r % x->shape[d], r /= x->shape[d];
@@ -1102,8 +1101,8 @@ static int state_atk_xfer(KlaState *st, void *data, KlaDtype dt, int64_t numel, 
     if (!st->ahost)
         return kla__fail(ctx, KLA_EINVAL, "KlaState: made without an ATK state (kla_state_new_atk makes one)");
     if (!data) return kla__fail(ctx, KLA_EINVAL, "KlaState: %s is NULL", name);
-    if (dt != KLA_F32 && dt != KLA_F64)
-        return kla__fail(ctx, KLA_EINVAL, "KlaState: %s has dtype %d, expected F32 or F64", name, (int)dt);
+    if (!is_real(dt))
+        return kla__fail(ctx, KLA_EINVAL, "KlaState: %s has dtype %d, expected F32, F64, F16 or BF16", name, (int)dt);
     const int64_t sh[] = { st->N, st->H, st->K };
     int r = need_numel(ctx, name, data, numel, "[N, H, K]", sh, 3);
     if (r) return r;
@@ -1146,8 +1145,8 @@ static int state_xfer(KlaState *st, void *data, KlaDtype dt, int64_t numel, KlaS
     KlaContext *ctx = st->ctx;
     const char *name = to_state ? "src" : "dst";
     if (!data) return kla__fail(ctx, KLA_EINVAL, "KlaState: %s is NULL", name);
-    if (dt != KLA_F32 && dt != KLA_F64)
-        return kla__fail(ctx, KLA_EINVAL, "KlaState: %s has dtype %d, expected F32 or F64", name, (int)dt);
+    if (!is_real(dt))
+        return kla__fail(ctx, KLA_EINVAL, "KlaState: %s has dtype %d, expected F32, F64, F16 or BF16", name, (int)dt);
     if (layout != KLA_LAYOUT_KV && layout != KLA_LAYOUT_VK)
         return kla__fail(ctx, KLA_EINVAL, "KlaState: layout %d is neither KV nor VK", (int)layout);
     const int vk = layout == KLA_LAYOUT_VK;

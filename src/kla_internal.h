@@ -14,6 +14,7 @@
 
 #include "kla.h"
 #include "kla_ref.h"
+#include "half.h"
 
 /* One call's tensors, in the backend's dtype (states in the KV layout unless the
  * backend takes VK). Optional pointers may be NULL as in kla_ref.h. */

@@ -62,6 +62,8 @@ static KlaDtype kdtype(st_dtype d, int *ok)
     switch (d) {
     case ST_F32: return KLA_F32;
     case ST_F64: return KLA_F64;
+    case ST_F16: return KLA_F16;
+    case ST_BF16: return KLA_BF16;
     case ST_I32: return KLA_I32;
     case ST_I64: return KLA_I64;
     default: *ok = 0; return KLA_F32;
@@ -289,9 +291,9 @@ static void shape_str(char *buf, size_t n, int ndim, const int64_t *shape)
 
 static int real_dtype(const KlaFile *f, const st_tensor *t)
 {
-    if (t->dtype == ST_F32 || t->dtype == ST_F64) return 0;
-    return kla__nofail(KLA_EINVAL, "%s: tensor \"%s\": dtype %s, expected F32 or F64", f->path, t->name,
-                       st_dtype_name(t->dtype));
+    if (t->dtype == ST_F32 || t->dtype == ST_F64 || t->dtype == ST_F16 || t->dtype == ST_BF16) return 0;
+    return kla__nofail(KLA_EINVAL, "%s: tensor \"%s\": dtype %s, expected F32, F64, F16 or BF16", f->path,
+                       t->name, st_dtype_name(t->dtype));
 }
 
 static int same_shape(const st_tensor *t, int ndim, const int64_t *shape)

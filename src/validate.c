@@ -29,7 +29,7 @@ int kla__check_values(KlaContext *ctx, const char *name, KlaIn t, const int64_t 
     int64_t n = 1;
     for (int d = 0; d < ndim; d++) n *= shape[d];
     for (int64_t i = 0; i < n; i++) {
-        const double x = t.dtype == KLA_F32 ? ((const float *)t.data)[i] : ((const double *)t.data)[i];
+        const double x = kla__get_real(t.data, t.dtype, i);
         if (isfinite(x) && !(sign < 0 && x > 0) && !(sign > 0 && x < 0)) continue;
         char where[160];
         format_index(where, sizeof where, i, shape, ndim);

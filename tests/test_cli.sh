@@ -26,13 +26,16 @@ check() { name=$1; shift; if "$@" >out.txt 2>err.txt; then ok "$name"; else nok 
 cat >gen.py <<'EOF'
 import json, math, random, struct, sys
 
-FMT = {"F32": "f", "F64": "d", "I32": "i", "I64": "q"}
+FMT = {"F32": "f", "F64": "d", "I32": "i", "I64": "q", "F16": "e"}
 
 def write(path, tensors, meta=None):
-    """tensors: list of (name, dtype, shape, flat values)"""
+    """tensors: list of (name, dtype, shape, flat values); BF16 values must be exact in bf16"""
     hdr, blobs, off = {}, [], 0
     for name, dt, shape, vals in tensors:
-        b = struct.pack("<%d%s" % (len(vals), FMT[dt]), *vals)
+        if dt == "BF16":  # the upper half of the float32
+            b = b"".join(struct.pack("<f", v)[2:] for v in vals)
+        else:
+            b = struct.pack("<%d%s" % (len(vals), FMT[dt]), *vals)
         hdr[name] = {"dtype": dt, "shape": list(shape), "data_offsets": [off, off + len(b)]}
         blobs.append(b)
         off += len(b)
@@ -177,6 +180,10 @@ def main():
         hand(out)
     elif case == "hand64":
         hand(out, "F64")
+    elif case == "hand16":
+        # q and eta in bf16, k and v in f16 (the values are exact in both), g in float32
+        hand(out, repl={"q": ("BF16", [1, 1, 1, 0]), "k": ("F16", [2, 0, 1, 1]), "v": ("F16", [3, 1]),
+                        "eta": ("BF16", [1, 0.5])})
     elif case == "hand_expect":
         write(out, [("o", "F64", [1, 2, 1, 1], [1.5, 0.8125]),
                     ("ht", "F64", [1, 1, 2, 1], [0.8125, 0.0625])])
@@ -406,6 +413,7 @@ usage_error() {
 }
 gen hand hand.st
 gen hand64 hand64.st
+gen hand16 hand16.st
 gen hand_expect hand_expect.st
 usage_error "unknown option: exit 2" forward --frobnicate hand.st -o x.st
 usage_error "missing option argument: exit 2" forward hand.st -o
@@ -432,6 +440,12 @@ done
 check "hand example, F64 inputs, ref64 chunk: tol 1e-12" sh -c \
     "'$KLA' forward --backend ref64 --algo chunk --chunk-size 16 hand64.st -o o64.st &&
      '$KLA' verify o64.st --against hand_expect.st --tol 1e-12"
+# 16-bit inputs (BF16, F16) widen exactly: the same bits as from the F32 file
+for cmd in forward decode; do
+    check "hand example, BF16 and F16 inputs: $cmd gives the F32 file's result bit for bit" sh -c \
+        "'$KLA' $cmd --backend ref hand16.st -o h16.st && '$KLA' $cmd --backend ref hand.st -o h32.st &&
+         '$KLA' verify h16.st --against h32.st --tol 0 && '$KLA' verify h16.st --against hand_expect.st"
+done
 check "hand example: decode --backend ref64" sh -c \
     "'$KLA' decode --backend ref64 hand64.st -o d64.st &&
      '$KLA' verify d64.st --against hand_expect.st --tol 1e-12"

@@ -23,6 +23,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "half.h"
 #include "kla.h"
 #include "safetensors.h"
 #include "sha256.h"
@@ -359,7 +360,7 @@ static void prob_shapes(Prob *p)
 static int64_t in_numel(const Prob *p, int i) { return numel(p->ish[i], p->ind[i]); }
 static int64_t out_numel(const Prob *p, int i) { return numel(p->osh[i], p->ond[i]); }
 
-static size_t kdt_size(KlaDtype d) { return d == KLA_F32 || d == KLA_I32 ? 4 : 8; }
+static size_t kdt_size(KlaDtype d) { return d == KLA_F16 || d == KLA_BF16 ? 2 : d == KLA_F32 || d == KLA_I32 ? 4 : 8; }
 
 static int64_t cu_get(KlaIn cu, int64_t i)
 {
@@ -477,8 +478,7 @@ static int run_op(KlaContext *ctx, const Prob *p, int op, KlaAlgo algo, Outs *o)
         for (int64_t i = 0; i < nst; i++) {
             double x = 0;
             if (p->in[I_H0].data)
-                x = p->in[I_H0].dtype == KLA_F32 ? ((const float *)p->in[I_H0].data)[n * nst + i]
-                                                 : ((const double *)p->in[I_H0].data)[n * nst + i];
+                x = kla__get_real(p->in[I_H0].data, p->in[I_H0].dtype, n * nst + i);
             if (o->dt == KLA_F64) ((double *)state)[i] = x;
             else ((float *)state)[i] = (float)x;
         }
@@ -487,8 +487,7 @@ static int run_op(KlaContext *ctx, const Prob *p, int op, KlaAlgo algo, Outs *o)
         for (int64_t i = 0; atk && i < nat; i++) {
             double x = 0;
             if (p->in[I_A0].data)
-                x = p->in[I_A0].dtype == KLA_F32 ? ((const float *)p->in[I_A0].data)[n * nat + i]
-                                                 : ((const double *)p->in[I_A0].data)[n * nat + i];
+                x = kla__get_real(p->in[I_A0].data, p->in[I_A0].dtype, n * nat + i);
             if (o->dt == KLA_F64) ((double *)astate)[i] = x;
             else ((float *)astate)[i] = (float)x;
         }
@@ -1167,8 +1166,27 @@ static int cmp_str(const void *a, const void *b)
     return strcmp(*(char *const *)a, *(char *const *)b);
 }
 
+/* --inputs bf16|f16: every real input rounded to that dtype (to nearest even) and passed
+ * as 16-bit tensors; the runs are judged by the case's bf16 set. */
+static KlaDtype g_inputs = KLA_F32;
+
+static int round_inputs(Prob *p, uint16_t *bufs[NIN])
+{
+    for (int i = 0; i < NIN; i++) {
+        bufs[i] = NULL;
+        if (!p->in[i].data || i == I_CU) continue;
+        const int64_t n = in_numel(p, i);
+        if (!(bufs[i] = malloc((size_t)(n ? n : 1) * 2))) return -1;
+        for (int64_t j = 0; j < n; j++)
+            kla__put_real(bufs[i], g_inputs, j, kla__get_real(p->in[i].data, p->in[i].dtype, j));
+        p->in[i] = KLA_IN(bufs[i], g_inputs, n);
+    }
+    return 0;
+}
+
 static void check_case(KlaContext *ctx, const char *dir, const char *file, Tally *ty)
 {
+    uint16_t *bufs[NIN] = { NULL };
     char path[4096], cname[256];
     snprintf(path, sizeof path, "%s/%s", dir, file);
     snprintf(cname, sizeof cname, "%.*s", (int)(strlen(file) - 12), file);
@@ -1194,7 +1212,8 @@ static void check_case(KlaContext *ctx, const char *dir, const char *file, Tally
         goto done;
     }
     KlaDtype dt = strcmp(kla_backend_name(ctx), "ref64") == 0 ? KLA_F64 : KLA_F32;
-    if (prob_from_file(&p, kf) < 0 || outs_alloc(&o, &p, dt) < 0) {
+    if (prob_from_file(&p, kf) < 0 || outs_alloc(&o, &p, dt) < 0 ||
+        (g_inputs != KLA_F32 && round_inputs(&p, bufs) < 0)) {
         printf("%s %-18s FAIL  not a valid case (see the message above)\n", cname, "load");
         ty->fail++;
         fails++;
@@ -1239,7 +1258,14 @@ static void check_case(KlaContext *ctx, const char *dir, const char *file, Tally
             got.nbytes = (size_t)got.numel * kdt_size(dt);
             got.data = o.t[i];
             printf("%s %-18s ", cname, runs[r].label);
-            if (verify_tensor(stdout, nm, ref, &got, case_tol(f, nm), -1, vk)) ty->pass++;
+            double tol = case_tol(f, nm), elem = -1;
+            if (g_inputs != KLA_F32) { /* the bf16 set, for kernels with 16-bit inputs */
+                tol = verify_meta_tol(f, "tol_bf16", nm);
+                elem = verify_meta_tol(f, "elem_bf16", nm);
+                if (tol < 0) tol = i < O_DQ ? 2e-2 : 5e-2;
+                if (elem < 0) elem = VERIFY_BF16_ELEM_FACTOR * tol;
+            }
+            if (verify_tensor(stdout, nm, ref, &got, tol, elem, vk)) ty->pass++;
             else {
                 ty->fail++;
                 fails++;
@@ -1247,6 +1273,7 @@ static void check_case(KlaContext *ctx, const char *dir, const char *file, Tally
         }
     }
 done:
+    for (int i = 0; i < NIN; i++) free(bufs[i]);
     ty->cases++;
     if (fails) ty->bad_cases++;
     outs_free(&o);
@@ -1294,8 +1321,9 @@ static int cmd_check(const char *backend, const char *glob, const char *dir)
     closedir(d);
     qsort(files, n, sizeof *files, cmp_str);
     Tally ty = { 0, 0, 0, 0, 0 };
-    printf("golden check: backend %s, %s, %zu case%s\n", kla_backend_name(ctx), dir, n,
-           n == 1 ? "" : "s");
+    printf("golden check: backend %s, %s, %zu case%s%s\n", kla_backend_name(ctx), dir, n, n == 1 ? "" : "s",
+           g_inputs == KLA_BF16 ? ", inputs rounded to bf16 (the bf16 tolerance set)"
+           : g_inputs == KLA_F16 ? ", inputs rounded to f16 (the bf16 tolerance set)" : "");
     for (size_t i = 0; i < n; i++) check_case(ctx, dir, files[i], &ty);
     for (size_t i = 0; i < n; i++) free(files[i]);
     free(files);
@@ -1324,7 +1352,9 @@ static const char usage[] =
     "  per case, run and tensor (rel_rmse, max abs error and where), then a summary.\n"
     "  Tolerances: the case's float32 set (tol_float32 in its metadata = MANIFEST.json).\n"
     "  Exit 0 if everything passes, 1 otherwise.\n"
-    "  --cases GLOB   only cases whose name matches (fnmatch), e.g. 'kla_*_h0*'\n";
+    "  --cases GLOB   only cases whose name matches (fnmatch), e.g. 'kla_*_h0*'\n"
+    "  --inputs T     f32 (default), or bf16 / f16: every real input rounded to that type\n"
+    "                 and passed as 16-bit tensors, the runs judged by the bf16 set\n";
 
 int golden_main(int argc, char **argv)
 {
@@ -1352,9 +1382,9 @@ int golden_main(int argc, char **argv)
                 fputs(usage, stdout);
                 return 0;
             }
-            const char *opts[] = { "--backend", "--cases", "--dir" };
+            const char *opts[] = { "--backend", "--cases", "--dir", "--inputs" };
             int which = -1;
-            for (int j = 0; j < 3; j++) {
+            for (int j = 0; j < 4; j++) {
                 size_t l = strlen(opts[j]);
                 if (strncmp(a, opts[j], l) == 0 && (a[l] == 0 || a[l] == '=')) {
                     which = j;
@@ -1374,7 +1404,14 @@ int golden_main(int argc, char **argv)
             }
             if (which == 0) backend = val;
             else if (which == 1) glob = val;
-            else dir = val;
+            else if (which == 2) dir = val;
+            else if (!strcmp(val, "f32")) g_inputs = KLA_F32;
+            else if (!strcmp(val, "bf16")) g_inputs = KLA_BF16;
+            else if (!strcmp(val, "f16")) g_inputs = KLA_F16;
+            else {
+                fprintf(stderr, "kla golden check: --inputs %s: expected f32, bf16 or f16\n", val);
+                return 2;
+            }
         }
         return cmd_check(backend, glob, dir);
     }

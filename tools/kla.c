@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include "golden.h"
+#include "half.h"
 #include "kla.h"
 #include "safetensors.h"
 #include "bench.h"
@@ -391,7 +392,8 @@ static int write_outs(const Cli *c, const Problem *p, const Outputs *o, const ch
 /* rows[0..n) of a [rows, w] tensor into dst, as a KlaIn of n rows */
 static KlaIn gather_rows(void *dst, const KlaFileTensor *t, const int64_t *rows, int64_t n, int64_t w)
 {
-    const size_t rb = (size_t)w * (t->in.dtype == KLA_F64 || t->in.dtype == KLA_I64 ? 8 : 4);
+    const KlaDtype d = t->in.dtype;
+    const size_t rb = (size_t)w * (d == KLA_F64 || d == KLA_I64 ? 8 : d == KLA_F16 || d == KLA_BF16 ? 2 : 4);
     for (int64_t i = 0; i < n; i++)
         memcpy((char *)dst + (size_t)i * rb, (const char *)t->data + (size_t)rows[i] * rb, rb);
     return KLA_IN(dst, t->in.dtype, n * w);
@@ -444,13 +446,13 @@ static int run_decode(KlaContext *ctx, const Problem *p, void *o_all, void *ht, 
 
     /* the states start from h0 (converted to the output dtype) or zeros */
     for (int64_t i = 0; in->h0.data && i < N * srow; i++) {
-        double x = in->h0.dtype == KLA_F64 ? ((const double *)in->h0.data)[i] : ((const float *)in->h0.data)[i];
+        double x = kla__get_real(in->h0.data, in->h0.dtype, i);
         if (od == ST_F64) ((double *)ht)[i] = x;
         else ((float *)ht)[i] = (float)x;
     }
     /* the ATK states from a0 or zeros */
     for (int64_t i = 0; atk && in->a0.data && i < N * arow; i++) {
-        double x = in->a0.dtype == KLA_F64 ? ((const double *)in->a0.data)[i] : ((const float *)in->a0.data)[i];
+        double x = kla__get_real(in->a0.data, in->a0.dtype, i);
         if (od == ST_F64) ((double *)at)[i] = x;
         else ((float *)at)[i] = (float)x;
     }
