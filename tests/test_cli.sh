@@ -755,6 +755,15 @@ else nok "train: 10 steps, progress lines, log, checkpoints, final accuracy at 1
 if [ $rc -eq 0 ] && cmp -s half.st full.st && grep -q 'resuming' resume.txt; then
     ok "train --resume: 5 + 5 steps end bit for bit where 10 steps do"
 else nok "train --resume: 5 + 5 steps end bit for bit where 10 steps do (rc $rc)"; fi
+# a run killed while writing its log: the resumed run drops the cut-off line, and the log
+# has only whole lines
+"$KLA" train $TR --steps 5 --checkpoint cut.st --log cut.jsonl >/dev/null 2>&1 && printf '{"step": 6, "lo' >>cut.jsonl &&
+"$KLA" train $TR --steps 10 --checkpoint cut.st --resume cut.st --log cut.jsonl >/dev/null 2>err.txt; rc=$?
+if [ $rc -eq 0 ] && ! grep -q '"lo$' cut.jsonl && ! grep -q '^{"step": 6, "lo{' cut.jsonl &&
+    [ "$(grep -c '"step": 10,' cut.jsonl)" = 1 ] && [ "$(grep -v '^{.*}$' cut.jsonl | wc -l)" = 0 ] &&
+    [ "$(tail -c 1 cut.jsonl | od -An -c | tr -d ' ')" = '\n' ]; then
+    ok "train --resume: a log cut off mid-line is repaired before appending"
+else nok "train --resume: a log cut off mid-line is repaired before appending (rc $rc)"; fi
 head -c 1000 half5.st >trunc.st
 "$KLA" train $TR --steps 10 --resume trunc.st >out.txt 2>err.txt; rc=$?
 if [ $rc -eq 1 ] && grep -q 'trunc\.st' err.txt; then ok "train --resume: a truncated checkpoint is refused"

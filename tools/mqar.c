@@ -325,6 +325,28 @@ static int meta_i64(const KlaFile *f, const char *key, int64_t *v)
     return s && parse_i64(s, 0, v) == 0 ? 0 : -1;
 }
 
+/* A run killed while writing its log leaves a cut-off last line; a resumed run would append
+ * after it and leave an unreadable line in the middle, so it goes (the steps after the
+ * checkpoint are logged again anyway). */
+static int trim_cut_line(FILE *f)
+{
+    if (fseeko(f, 0, SEEK_END) < 0) return -1;
+    off_t end = ftello(f), pos = end;
+    if (end <= 0) return 0;
+    char buf[4096];
+    while (pos > 0) {
+        size_t n = pos < (off_t)sizeof buf ? (size_t)pos : sizeof buf;
+        if (fseeko(f, pos - (off_t)n, SEEK_SET) < 0 || fread(buf, 1, n, f) != n) return -1;
+        if (pos == end && buf[n - 1] == '\n') return 0;   /* ends cleanly */
+        size_t i = n;
+        while (i > 0 && buf[i - 1] != '\n') i--;
+        if (i > 0) { pos = pos - (off_t)n + (off_t)i; break; }
+        pos -= (off_t)n;
+    }
+    fflush(f);
+    return ftruncate(fileno(f), pos);
+}
+
 /* the run continues from a checkpoint: same configuration, parameters, moments, counters */
 static int load_checkpoint(const char *path, KlaModel *m, KlaContext *ctx, const Opts *o, Run *r)
 {
@@ -463,8 +485,12 @@ int train_main(int argc, char **argv)
         fprintf(stderr, "kla train: out of memory for the data\n");
         goto done;
     }
-    if (o.log && !(log = fopen(o.log, o.resume ? "a" : "w"))) {
+    if (o.log && !(log = fopen(o.log, o.resume ? "a+" : "w"))) {
         fprintf(stderr, "kla train: %s: %s\n", o.log, strerror(errno));
+        goto done;
+    }
+    if (log && o.resume && trim_cut_line(log) < 0) {
+        fprintf(stderr, "kla train: %s: cannot remove its cut-off last line: %s\n", o.log, strerror(errno));
         goto done;
     }
     char desc[256];
