@@ -760,7 +760,7 @@ else nok "train --resume: 5 + 5 steps end bit for bit where 10 steps do (rc $rc)
 "$KLA" train $TR --steps 5 --checkpoint cut.st --log cut.jsonl >/dev/null 2>&1 && printf '{"step": 6, "lo' >>cut.jsonl &&
 "$KLA" train $TR --steps 10 --checkpoint cut.st --resume cut.st --log cut.jsonl >/dev/null 2>err.txt; rc=$?
 if [ $rc -eq 0 ] && ! grep -q '"lo$' cut.jsonl && ! grep -q '^{"step": 6, "lo{' cut.jsonl &&
-    [ "$(grep -c '"step": 10,' cut.jsonl)" = 1 ] && [ "$(grep -v '^{.*}$' cut.jsonl | wc -l)" = 0 ] &&
+    [ "$(grep -c '^{"step": 10,' cut.jsonl)" = 1 ] && [ "$(grep -v '^{.*}$' cut.jsonl | wc -l)" = 0 ] &&
     [ "$(tail -c 1 cut.jsonl | od -An -c | tr -d ' ')" = '\n' ]; then
     ok "train --resume: a log cut off mid-line is repaired before appending"
 else nok "train --resume: a log cut off mid-line is repaired before appending (rc $rc)"; fi
