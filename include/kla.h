@@ -80,24 +80,31 @@ KLA_API const char *kla_strerror(int err);
  * rounded to nearest even). cu_seqlens is I32 or I64. */
 typedef enum KlaDtype { KLA_F32 = 0, KLA_F64 = 1, KLA_I32 = 2, KLA_I64 = 3, KLA_F16 = 4, KLA_BF16 = 5 } KlaDtype;
 
-/* An input tensor: data == NULL means absent. numel is the number of elements the
- * buffer holds; every call checks it against the element count the shape asks for and
- * refuses a mismatch (naming the tensor, the expected shape and what was given). */
+typedef struct KlaBuffer KlaBuffer; /* a tensor kept by the backend: see "buffers" below */
+
+/* An input tensor: data == NULL (and buffer == NULL) means absent. numel is the number of
+ * elements the memory holds; every call checks it against the element count the shape
+ * asks for and refuses a mismatch (naming the tensor, the expected shape and what was
+ * given). With buffer set (KLA_BUF_IN), data must be NULL and dtype and numel are the
+ * buffer's. */
 typedef struct KlaIn {
     const void *data;
     KlaDtype dtype;
     int64_t numel;
+    KlaBuffer *buffer;
 } KlaIn;
 
-/* An output tensor: data == NULL means not wanted (where the output is optional). */
+/* An output tensor: data == NULL (and buffer == NULL) means not wanted (where the output
+ * is optional). */
 typedef struct KlaOut {
     void *data;
     KlaDtype dtype;
     int64_t numel;
+    KlaBuffer *buffer;
 } KlaOut;
 
-#define KLA_IN(p, dt, n) ((KlaIn){ (p), (dt), (int64_t)(n) })
-#define KLA_OUT(p, dt, n) ((KlaOut){ (p), (dt), (int64_t)(n) })
+#define KLA_IN(p, dt, n) ((KlaIn){ (p), (dt), (int64_t)(n), NULL })
+#define KLA_OUT(p, dt, n) ((KlaOut){ (p), (dt), (int64_t)(n), NULL })
 #define KLA_F32_IN(p, n) KLA_IN((p), KLA_F32, (n))
 #define KLA_F64_IN(p, n) KLA_IN((p), KLA_F64, (n))
 #define KLA_F32_OUT(p, n) KLA_OUT((p), KLA_F32, (n))
@@ -106,6 +113,8 @@ typedef struct KlaOut {
 #define KLA_BF16_IN(p, n) KLA_IN((p), KLA_BF16, (n)) /* p: uint16_t, bfloat16 bits */
 #define KLA_F16_OUT(p, n) KLA_OUT((p), KLA_F16, (n))
 #define KLA_BF16_OUT(p, n) KLA_OUT((p), KLA_BF16, (n))
+#define KLA_BUF_IN(b) ((KlaIn){ NULL, KLA_F32, 0, (b) })   /* a KlaBuffer as an input */
+#define KLA_BUF_OUT(b) ((KlaOut){ NULL, KLA_F32, 0, (b) }) /* a KlaBuffer as an output */
 
 /* ---- the problem ------------------------------------------------------------------ */
 typedef struct KlaShape {
@@ -310,6 +319,60 @@ KLA_API int kla_state_read_atk(KlaState *st, KlaOut dst);
  * HV, K and V must be those of st. opt->state_layout does not apply. */
 KLA_API int kla_decode_state(KlaContext *ctx, const KlaShape *shape, const KlaOptions *opt,
                              const KlaTensors *t, KlaState *st);
+
+/* ---- buffers: tensors that stay where the backend computes ------------------------- */
+
+/* A KlaBuffer holds one tensor of numel elements where ctx's backend computes: device
+ * memory on vulkan, host memory on the CPU backends. Any tensor of a call (KLA_BUF_IN,
+ * KLA_BUF_OUT), the decode state included, may be a buffer, so that consecutive calls on
+ * the GPU move no data through the host: the outputs of one call are the inputs of the
+ * next. Host tensors and buffers mix freely in one call. Shapes, sizes and dtypes are
+ * checked at every call as for host tensors; value checks (finite inputs, g <= 0, a
+ * finite step size, finite outputs) need the data, so on a device buffer they are the
+ * caller's: a non-finite input gives non-finite outputs, not an error. cu_seqlens stays in
+ * host memory (its values decide the work), and states in buffers use the KV layout.
+ * On vulkan a buffer is F32 (the backend's dtype); on the CPU backends any real dtype.
+ * A buffer belongs to ctx: free it before closing ctx. A new buffer is zero. */
+KLA_API int kla_buffer_new(KlaContext *ctx, KlaDtype dtype, int64_t numel, KlaBuffer **b);
+/* Frees and sets *b to NULL (a wrapped application buffer is not freed, only forgotten). */
+KLA_API void kla_buffer_free(KlaBuffer **b);
+/* Host <-> buffer: src/dst hold numel elements of any real dtype (converted). */
+KLA_API int kla_buffer_write(KlaBuffer *b, KlaIn src);
+KLA_API int kla_buffer_read(KlaBuffer *b, KlaOut dst);
+KLA_API int64_t kla_buffer_numel(const KlaBuffer *b);
+KLA_API KlaDtype kla_buffer_dtype(const KlaBuffer *b);
+
+/* ---- sharing a Vulkan device with the application ----------------------------------- */
+
+/* The application's own Vulkan objects (handles cast to void *; VkBuffer handles are
+ * passed as uint64_t: (uint64_t)buffer). kla records its work into command buffers of its
+ * own pool on that device and submits them to that queue; it never destroys them.
+ * Synchronisation contract (docs/vulkan.md):
+ *  - the queue is externally synchronised: no other thread submits to it during a kla call;
+ *  - every kla call begins with a full memory barrier, so work the application submitted
+ *    to the same queue earlier is complete and visible to it (work on another queue must
+ *    be finished, or signalled through a fence or semaphore the application waits on,
+ *    before the call);
+ *  - a call returns when its work has completed on the GPU (it waits on its own fence):
+ *    its outputs are then ready for anything the application submits afterwards.
+ * The device must be Vulkan 1.1 or newer; buffers need VK_BUFFER_USAGE_STORAGE_BUFFER_BIT
+ * (and TRANSFER_SRC/DST for kla_buffer_read/write). */
+typedef struct KlaVulkanDevice {
+    void *instance;        /* VkInstance */
+    void *physical_device; /* VkPhysicalDevice */
+    void *device;          /* VkDevice */
+    void *queue;           /* VkQueue with VK_QUEUE_COMPUTE_BIT */
+    uint32_t queue_family; /* the queue's family index */
+} KlaVulkanDevice;
+/* A context of backend vulkan on the application's device (params->backend is ignored). */
+KLA_API int kla_open_vulkan(KlaContext **ctx, const KlaParams *params, const KlaVulkanDevice *dev);
+/* The application's VkBuffer, from offset (a multiple of the device's
+ * minStorageBufferOffsetAlignment), as a KlaBuffer of numel F32 values. */
+KLA_API int kla_buffer_wrap_vulkan(KlaContext *ctx, uint64_t vk_buffer, uint64_t offset, KlaDtype dtype,
+                                   int64_t numel, KlaBuffer **b);
+/* The VkBuffer and offset behind a buffer of a vulkan context, for the application's own
+ * commands; KLA_EINVAL on other backends. */
+KLA_API int kla_buffer_vulkan_handle(const KlaBuffer *b, uint64_t *vk_buffer, uint64_t *offset);
 
 /* ---- the layer, the model and the training step (kla-spec.md section 8) ------------- */
 

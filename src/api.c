@@ -4,6 +4,7 @@
  */
 #include <errno.h>
 #include <math.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -170,6 +171,24 @@ int kla_cpu_mask_parse(const char *s, unsigned *mask)
     return 0;
 }
 
+static int open_backend(KlaContext **out, const KlaParams *p, const kla_backend *be, const KlaVulkanDevice *dev);
+
+int kla_open_vulkan(KlaContext **out, const KlaParams *params, const KlaVulkanDevice *dev)
+{
+    open_detail[0] = 0;
+    if (!out) return open_fail(KLA_EINVAL, "%s", "kla_open_vulkan: NULL context pointer");
+    *out = NULL;
+    const kla_backend *be = find_backend("vulkan");
+    if (!be || !be->open_external)
+        return open_fail(KLA_ENOSYS, "%s", "kla_open_vulkan: the vulkan backend is not built into this library");
+    if (!dev || !dev->instance || !dev->physical_device || !dev->device || !dev->queue)
+        return open_fail(KLA_EINVAL, "%s", "kla_open_vulkan: a NULL KlaVulkanDevice or one of its handles is NULL");
+    KlaParams p;
+    if (params) p = *params;
+    else kla_default_params(&p);
+    return open_backend(out, &p, be, dev);
+}
+
 int kla_open(KlaContext **out, const KlaParams *params)
 {
     open_detail[0] = 0;
@@ -205,15 +224,22 @@ int kla_open(KlaContext **out, const KlaParams *params)
             return open_fail(KLA_ENODEV, "backend \"%s\" is not usable on this machine", p.backend);
     }
 
+    return open_backend(out, &p, be, NULL);
+}
+
+/* The context of backend be (on the application's Vulkan device when dev). */
+static int open_backend(KlaContext **out, const KlaParams *p, const kla_backend *be, const KlaVulkanDevice *dev)
+{
     KlaContext *ctx = calloc(1, sizeof *ctx);
     if (!ctx) return open_fail(KLA_ENOMEM, "%s", "kla_open: out of memory");
     ctx->be = be;
-    ctx->params = p;
+    ctx->params = *p;
     ctx->params.backend = be->name; /* the caller's string need not outlive the call */
     atomic_init(&ctx->busy, 0);
     if (be->open) {
         char err[200] = "";
-        int r = be->open(&ctx->state, &ctx->params, err, sizeof err);
+        int r = dev ? be->open_external(&ctx->state, &ctx->params, dev, err, sizeof err)
+                    : be->open(&ctx->state, &ctx->params, err, sizeof err);
         if (r == 0 && !be->usable()) {
             if (be->close) be->close(ctx->state);
             r = KLA_ENODEV;
@@ -491,15 +517,18 @@ static int check_overlaps(KlaContext *ctx, const KlaIn in[NIN], const slot si[NI
 {
     for (int i = 0; i < NOUT; i++) {
         if (!out[i].data) continue;
-        const int64_t bi = so[i].n * (int64_t)dsize(out[i].dtype);
+        /* a device buffer (.buffer set, .data its handle) is one block of its own */
+        const int64_t bi = out[i].buffer ? 1 : so[i].n * (int64_t)dsize(out[i].dtype);
         for (int j = 0; j < NIN; j++)
-            if (in[j].data && overlap(out[i].data, bi, in[j].data, si[j].n * (int64_t)dsize(in[j].dtype)))
+            if (in[j].data && !out[i].buffer == !in[j].buffer &&
+                overlap(out[i].data, bi, in[j].data, in[j].buffer ? 1 : si[j].n * (int64_t)dsize(in[j].dtype)))
                 return kla__fail(ctx, KLA_EINVAL, "tensor %s: its memory overlaps input %s", so[i].name,
                                  si[j].name);
-        if (cu->data && overlap(out[i].data, bi, cu->data, ncu * (int64_t)dsize(cu->dtype)))
+        if (cu->data && !out[i].buffer && overlap(out[i].data, bi, cu->data, ncu * (int64_t)dsize(cu->dtype)))
             return kla__fail(ctx, KLA_EINVAL, "tensor %s: its memory overlaps input cu_seqlens", so[i].name);
         for (int j = 0; j < i; j++)
-            if (out[j].data && overlap(out[i].data, bi, out[j].data, so[j].n * (int64_t)dsize(out[j].dtype)))
+            if (out[j].data && !out[i].buffer == !out[j].buffer &&
+                overlap(out[i].data, bi, out[j].data, out[j].buffer ? 1 : so[j].n * (int64_t)dsize(out[j].dtype)))
                 return kla__fail(ctx, KLA_EINVAL, "tensor %s: its memory overlaps output %s", so[i].name,
                                  so[j].name);
     }
@@ -706,16 +735,18 @@ static int check_call(KlaContext *ctx, const KlaShape *s, const KlaOptions *o,
 
     /* values: finite everywhere, log decays <= 0, the ATK state and its input >= 0; the
      * decode states too */
+    /* (device buffers: the caller's, kla.h) */
     for (int i = 0; i < NIN && !r; i++)
-        r = kla__check_values(ctx, si[i].name, in[i], si[i].shape, si[i].ndim,
-                              i == I_G || i == I_GATK ? -1 : i == I_BATK || i == I_A0 ? 1 : 0);
-    if (!r && op == OP_DECODE)
-        r = kla__check_values(ctx, "state", (KlaIn){ t->state.data, t->state.dtype, so[O_STATE].n },
+        if (!in[i].buffer)
+            r = kla__check_values(ctx, si[i].name, in[i], si[i].shape, si[i].ndim,
+                                  i == I_G || i == I_GATK ? -1 : i == I_BATK || i == I_A0 ? 1 : 0);
+    if (!r && op == OP_DECODE && !t->state.buffer)
+        r = kla__check_values(ctx, "state", KLA_IN(t->state.data, t->state.dtype, so[O_STATE].n),
                               so[O_STATE].shape, 4, 0);
     if (!r && op == OP_DECODE && t->astate.data)
-        r = kla__check_values(ctx, "astate", (KlaIn){ t->astate.data, t->astate.dtype, so[O_ASTATE].n },
+        r = kla__check_values(ctx, "astate", KLA_IN(t->astate.data, t->astate.dtype, so[O_ASTATE].n),
                               so[O_ASTATE].shape, 3, 1);
-    if (!r && o->mode == KLA_MODE_KLA) r = check_step(ctx, z, o, t, decode, *cu);
+    if (!r && o->mode == KLA_MODE_KLA && !t->k.buffer && !t->eta.buffer) r = check_step(ctx, z, o, t, decode, *cu);
     if (r) {
         free(*cu);
         *cu = NULL;
@@ -761,7 +792,7 @@ static int in_buf(KlaIn in, int64_t n, KlaDtype want, const sizes *z, int vk, bu
 {
     b->ptr = b->owned = NULL;
     if (!in.data) return 0;
-    if (in.dtype == want && !vk) {
+    if (in.buffer || (in.dtype == want && !vk)) { /* a device buffer: its handle */
         b->ptr = (void *)in.data; /* read only */
         return 0;
     }
@@ -777,7 +808,7 @@ static int out_buf(KlaOut out, int64_t n, KlaDtype want, int vk, buf *b)
 {
     b->ptr = b->owned = NULL;
     if (!out.data) return 0;
-    if (out.dtype == want && !vk) {
+    if (out.buffer || (out.dtype == want && !vk)) {
         b->ptr = out.data;
         return 0;
     }
@@ -882,7 +913,7 @@ static int leave(KlaContext *ctx, int r)
 #define G_FLOOR (-1e4)
 static int floor_g(buf *b, KlaIn in, int64_t n, KlaDtype R)
 {
-    if (!b->ptr) return 0;
+    if (!b->ptr || in.buffer) return 0; /* a device buffer: the caller's (kla.h) */
     int64_t i = 0;
     for (; i < n; i++)
         if ((R == KLA_F32 ? ((const float *)b->ptr)[i] : ((const double *)b->ptr)[i]) < G_FLOOR) break;
@@ -899,15 +930,76 @@ static int floor_g(buf *b, KlaIn in, int64_t n, KlaDtype R)
     return 0;
 }
 
+/* Buffers in a call's tensors: a host-backed one (CPU backends) becomes its host memory;
+ * a device one keeps .buffer, with .data its handle (so that presence checks see it),
+ * dtype and numel its own, and sets its KLA_R_* bit. Tensors without a bit (cu_seqlens,
+ * the family's) must be host memory. */
+static int resolve_buffers(KlaContext *ctx, const KlaOptions *opt, const KlaTensors *t, KlaTensors *rt,
+                           unsigned *resident)
+{
+    static const struct {
+        const char *name;
+        size_t off;
+        int out;
+        unsigned bit;
+        int state;
+    } f[] = {
+#define TI(n, b) { #n, offsetof(KlaTensors, n), 0, b, 0 }
+#define TO(n, b) { #n, offsetof(KlaTensors, n), 1, b, 0 }
+        TI(q, KLA_R_Q), TI(k, KLA_R_K), TI(v, KLA_R_V), TI(g, KLA_R_G), TI(eta, KLA_R_A), TI(beta, KLA_R_A),
+        { "h0", offsetof(KlaTensors, h0), 0, KLA_R_H0, 1 }, TI(cu_seqlens, 0), TI(dout, KLA_R_DO),
+        { "dht", offsetof(KlaTensors, dht), 0, KLA_R_DHT, 1 }, TI(g_atk, 0), TI(beta_atk, 0),
+        TI(log_atk_scale, 0), TI(a0, 0), TI(dat, 0), TO(o, KLA_R_O), { "ht", offsetof(KlaTensors, ht), 1, KLA_R_HT, 1 },
+        TO(dq, KLA_R_DQ), TO(dk, KLA_R_DK), TO(dv, KLA_R_DV), TO(dg, KLA_R_DG), TO(deta, KLA_R_DA),
+        TO(dbeta, KLA_R_DA), { "dh0", offsetof(KlaTensors, dh0), 1, KLA_R_DH0, 1 }, TO(at, 0), TO(dg_atk, 0),
+        TO(dbeta_atk, 0), TO(dlog_atk_scale, 0), TO(da0, 0), { "state", offsetof(KlaTensors, state), 1, KLA_R_STATE, 1 },
+        TO(astate, 0),
+#undef TI
+#undef TO
+    };
+    *rt = *t;
+    *resident = 0;
+    for (size_t i = 0; i < sizeof f / sizeof f[0]; i++) {
+        char *p = (char *)rt + f[i].off;
+        /* KlaIn and KlaOut have the same layout; only const differs */
+        KlaOut *x = (KlaOut *)(void *)p;
+        KlaBuffer *b = x->buffer;
+        if (!b) continue;
+        if (x->data)
+            return kla__fail(ctx, KLA_EINVAL, "tensor %s: both data and buffer are set (give one)", f[i].name);
+        if (b->ctx != ctx)
+            return kla__fail(ctx, KLA_EINVAL, "tensor %s: a KlaBuffer of another context", f[i].name);
+        if (b->host) {
+            *x = (KlaOut){ b->host, b->dtype, b->numel, NULL };
+            continue;
+        }
+        if (!f[i].bit)
+            return kla__fail(ctx, KLA_EINVAL, "tensor %s: must be in host memory, not a device buffer%s", f[i].name,
+                             strcmp(f[i].name, "cu_seqlens") ? " (backend vulkan does not run the family)"
+                                                             : " (its values decide the work)");
+        if (f[i].state && opt && opt->state_layout == KLA_LAYOUT_VK)
+            return kla__fail(ctx, KLA_EINVAL, "tensor %s: a device buffer holds states in the KV layout only "
+                             "(state_layout VK is for host tensors)", f[i].name);
+        x->data = b->h, x->dtype = b->dtype, x->numel = b->numel;
+        *resident |= f[i].bit;
+    }
+    return 0;
+}
+
 static int run_checked(KlaContext *ctx, const KlaShape *shape, const KlaOptions *opt,
                        const KlaTensors *t, op_kind op, KlaState *kst)
 {
     if (!shape || !opt || !t) return kla__fail(ctx, KLA_EINVAL, "NULL shape, options or tensors");
     if (op == OP_DECODE_STATE && (!kst || kst->ctx != ctx))
         return kla__fail(ctx, KLA_EINVAL, "KlaState: %s", kst ? "made for another context" : "NULL");
+    KlaTensors rt;
+    unsigned resident = 0;
+    int r = resolve_buffers(ctx, opt, t, &rt, &resident);
+    if (r) return r;
+    t = &rt;
     sizes z = { 0 };
     int64_t *cu = NULL;
-    int r = check_call(ctx, shape, opt, t, op, kst, &z, &cu);
+    r = check_call(ctx, shape, opt, t, op, kst, &z, &cu);
     if (r) return r;
     const unsigned need = (opt->gate == KLA_GATE_CHANNEL ? KLA_VARIANT_CHANNEL : 0) |
                           (opt->precond == KLA_PRECOND_ATK ? KLA_VARIANT_ATK : 0);
@@ -959,7 +1051,7 @@ static int run_checked(KlaContext *ctx, const KlaShape *shape, const KlaOptions 
                       .log_atk_scale = bi[I_LATK].ptr, .a0 = bi[I_A0].ptr, .dat = bi[I_DAT].ptr,
                       .at = bo[O_AT].ptr, .dg_atk = bo[O_DGATK].ptr, .dbeta_atk = bo[O_DBATK].ptr,
                       .dlog_atk_scale = bo[O_DLATK].ptr, .da0 = bo[O_DA0].ptr, .state = bo[O_STATE].ptr,
-                      .astate = bo[O_ASTATE].ptr };
+                      .astate = bo[O_ASTATE].ptr, .resident = resident };
         void *st = ctx->state;
         if (op == OP_FORWARD) r = ctx->be->forward(st, &p, &io);
         else if (op == OP_BACKWARD) r = ctx->be->backward(st, &p, &io);
@@ -973,7 +1065,7 @@ static int run_checked(KlaContext *ctx, const KlaShape *shape, const KlaOptions 
          * state of a KlaState is checked through o */
         int bad = -1;
         for (int i = 0; i < NOUT && !r; i++)
-            if ((r = check_finite_out(ctx, &so[i], bo[i].ptr, R))) bad = i;
+            if (!outs[i].buffer && (r = check_finite_out(ctx, &so[i], bo[i].ptr, R))) bad = i;
         /* a chunkwise run spreads a non-finite value over its chunk, earlier tokens too:
          * the recurrent algorithm on the same inputs names the token where it arose */
         if (r == KLA_ERANGE && (bad == O_O || bad == O_HT) && io.algo == KLA_ALGO_CHUNK)
@@ -1044,7 +1136,7 @@ static int state_new(KlaContext *ctx, int64_t N, int64_t HV, int64_t K, int64_t 
     *st = (KlaState){ .ctx = ctx, .N = N, .HV = HV, .K = K, .V = V, .n = n };
     const int64_t bytes = n * (int64_t)dsize(ctx->be->real);
     int r = 0;
-    if (ctx->be->state_new) r = ctx->be->state_new(ctx->state, bytes, &st->h);
+    if (ctx->be->mem_new) r = ctx->be->mem_new(ctx->state, bytes, &st->h);
     else if (!(st->host = calloc((size_t)n, dsize(ctx->be->real)))) r = KLA_ENOMEM;
     if (r) {
         free(st);
@@ -1106,7 +1198,7 @@ static int state_atk_xfer(KlaState *st, void *data, KlaDtype dt, int64_t numel, 
     const int64_t sh[] = { st->N, st->H, st->K };
     int r = need_numel(ctx, name, data, numel, "[N, H, K]", sh, 3);
     if (r) return r;
-    if (to_state && (r = kla__check_values(ctx, "astate", (KlaIn){ data, dt, numel }, sh, 3, 1))) return r;
+    if (to_state && (r = kla__check_values(ctx, "astate", KLA_IN(data, dt, numel), sh, 3, 1))) return r;
     if (to_state) convert(data, dt, st->ahost, ctx->be->real, st->na);
     else convert(st->ahost, ctx->be->real, data, dt, st->na);
     return 0;
@@ -1131,7 +1223,7 @@ int kla_state_read_atk(KlaState *st, KlaOut dst)
 void kla_state_free(KlaState **st)
 {
     if (!st || !*st) return;
-    if ((*st)->h) (*st)->ctx->be->state_free((*st)->ctx->state, (*st)->h);
+    if ((*st)->h) (*st)->ctx->be->mem_free((*st)->ctx->state, (*st)->h);
     free((*st)->ahost);
     free((*st)->host);
     free(*st);
@@ -1154,15 +1246,15 @@ static int state_xfer(KlaState *st, void *data, KlaDtype dt, int64_t numel, KlaS
     int r = need_numel(ctx, name, data, numel, vk ? "[N, HV, V, K]" : "[N, HV, K, V]", sh, 4);
     if (r) return r;
     const KlaDtype R = ctx->be->real;
-    if (to_state && (r = kla__check_values(ctx, "state", (KlaIn){ data, dt, numel }, sh, 4, 0))) return r;
+    if (to_state && (r = kla__check_values(ctx, "state", KLA_IN(data, dt, numel), sh, 4, 0))) return r;
     void *tmp = st->h ? malloc((size_t)st->n * dsize(R)) : st->host;
     if (!tmp) return kla__fail(ctx, KLA_ENOMEM, "KlaState: out of memory");
     if (to_state) {
         if (vk) transpose(data, dt, tmp, R, st->N * st->HV, st->V, st->K);
         else convert(data, dt, tmp, R, st->n);
-        if (st->h) r = ctx->be->state_copy(ctx->state, st->h, tmp, st->n * (int64_t)dsize(R), 1);
+        if (st->h) r = ctx->be->mem_copy(ctx->state, st->h, tmp, st->n * (int64_t)dsize(R), 1);
     } else {
-        if (st->h) r = ctx->be->state_copy(ctx->state, st->h, tmp, st->n * (int64_t)dsize(R), 0);
+        if (st->h) r = ctx->be->mem_copy(ctx->state, st->h, tmp, st->n * (int64_t)dsize(R), 0);
         if (!r && vk) transpose(tmp, R, data, dt, st->N * st->HV, st->K, st->V);
         else if (!r) convert(tmp, R, data, dt, st->n);
     }
@@ -1193,6 +1285,123 @@ int kla_state_read(KlaState *st, KlaOut dst, KlaStateLayout layout)
 int kla_decode_state(KlaContext *ctx, const KlaShape *s, const KlaOptions *o, const KlaTensors *t, KlaState *st)
 {
     return run(ctx, s, o, t, OP_DECODE_STATE, st);
+}
+
+/* ---- KlaBuffer ---------------------------------------------------------------------------- */
+
+static int buffer_make(KlaContext *ctx, KlaDtype dt, int64_t numel, KlaBuffer **out, int wrap, uint64_t vkb,
+                       uint64_t off)
+{
+    if (!out) return kla__fail(ctx, KLA_EINVAL, "KlaBuffer: NULL result pointer");
+    if (!is_real(dt))
+        return kla__fail(ctx, KLA_EINVAL, "KlaBuffer: dtype %d, must be KLA_F32, KLA_F64, KLA_F16 or KLA_BF16", (int)dt);
+    if (numel <= 0 || numel > INT64_MAX / 8)
+        return kla__fail(ctx, KLA_EINVAL, "KlaBuffer: numel = %lld, must be > 0", (long long)numel);
+    const int dev = ctx->be->mem_new != NULL;
+    if ((dev || wrap) && dt != ctx->be->real)
+        return kla__fail(ctx, KLA_EINVAL, "KlaBuffer: backend %s keeps %s buffers (dtype %d given)", ctx->be->name,
+                         ctx->be->real == KLA_F32 ? "KLA_F32" : "KLA_F64", (int)dt);
+    if (wrap && !ctx->be->mem_wrap)
+        return kla__fail(ctx, KLA_EINVAL, "KlaBuffer: backend %s does not take Vulkan buffers", ctx->be->name);
+    KlaBuffer *b = calloc(1, sizeof *b);
+    if (!b) return kla__fail(ctx, KLA_ENOMEM, "KlaBuffer: out of memory");
+    *b = (KlaBuffer){ .ctx = ctx, .dtype = dt, .numel = numel };
+    const int64_t bytes = numel * (int64_t)dsize(dt);
+    int r = 0;
+    if (wrap) r = ctx->be->mem_wrap(ctx->state, vkb, off, bytes, &b->h);
+    else if (dev) r = ctx->be->mem_new(ctx->state, bytes, &b->h);
+    else if (!(b->host = calloc((size_t)numel, dsize(dt)))) r = KLA_ENOMEM;
+    if (r) {
+        free(b);
+        if (ctx->detail[0]) return r;
+        return kla__fail(ctx, r, "KlaBuffer: %lld bytes on backend %s: %s", (long long)bytes, ctx->be->name,
+                         kla_strerror(r));
+    }
+    *out = b;
+    return 0;
+}
+
+int kla_buffer_new(KlaContext *ctx, KlaDtype dtype, int64_t numel, KlaBuffer **b)
+{
+    if (b) *b = NULL;
+    if (!ctx) return KLA_EINVAL;
+    int r = enter(ctx, "kla_buffer_new");
+    return r ? r : leave(ctx, buffer_make(ctx, dtype, numel, b, 0, 0, 0));
+}
+
+int kla_buffer_wrap_vulkan(KlaContext *ctx, uint64_t vk_buffer, uint64_t offset, KlaDtype dtype, int64_t numel,
+                           KlaBuffer **b)
+{
+    if (b) *b = NULL;
+    if (!ctx) return KLA_EINVAL;
+    int r = enter(ctx, "kla_buffer_wrap_vulkan");
+    if (r) return r;
+    if (!vk_buffer) return leave(ctx, kla__fail(ctx, KLA_EINVAL, "KlaBuffer: VK_NULL_HANDLE given"));
+    return leave(ctx, buffer_make(ctx, dtype, numel, b, 1, vk_buffer, offset));
+}
+
+int kla_buffer_vulkan_handle(const KlaBuffer *b, uint64_t *vk_buffer, uint64_t *offset)
+{
+    if (!b || !vk_buffer || !offset || !b->h || !b->ctx->be->mem_handle) return KLA_EINVAL;
+    b->ctx->be->mem_handle(b->h, vk_buffer, offset);
+    return 0;
+}
+
+void kla_buffer_free(KlaBuffer **b)
+{
+    if (!b || !*b) return;
+    if ((*b)->h) (*b)->ctx->be->mem_free((*b)->ctx->state, (*b)->h);
+    free((*b)->host);
+    free(*b);
+    *b = NULL;
+}
+
+int64_t kla_buffer_numel(const KlaBuffer *b) { return b ? b->numel : 0; }
+KlaDtype kla_buffer_dtype(const KlaBuffer *b) { return b ? b->dtype : KLA_F32; }
+
+/* host <-> buffer, converting dtypes */
+static int buffer_xfer(KlaBuffer *b, void *data, KlaDtype dt, int64_t numel, int to_buf)
+{
+    KlaContext *ctx = b->ctx;
+    const char *name = to_buf ? "src" : "dst";
+    if (!data) return kla__fail(ctx, KLA_EINVAL, "KlaBuffer: %s is NULL (host memory expected)", name);
+    if (!is_real(dt))
+        return kla__fail(ctx, KLA_EINVAL, "KlaBuffer: %s has dtype %d, expected F32, F64, F16 or BF16", name, (int)dt);
+    if (numel != b->numel)
+        return kla__fail(ctx, KLA_EINVAL, "KlaBuffer: %s holds %lld elements, the buffer %lld", name,
+                         (long long)numel, (long long)b->numel);
+    if (b->host) {
+        if (to_buf) convert(data, dt, b->host, b->dtype, numel);
+        else convert(b->host, b->dtype, data, dt, numel);
+        return 0;
+    }
+    const int64_t bytes = numel * (int64_t)dsize(b->dtype);
+    void *tmp = dt == b->dtype ? data : malloc((size_t)bytes);
+    if (!tmp) return kla__fail(ctx, KLA_ENOMEM, "KlaBuffer: out of memory");
+    if (to_buf && tmp != data) convert(data, dt, tmp, b->dtype, numel);
+    int r = ctx->be->mem_copy(ctx->state, b->h, tmp, bytes, to_buf);
+    if (!r && !to_buf && tmp != data) convert(tmp, b->dtype, data, dt, numel);
+    if (tmp != data) free(tmp);
+    if (r && !ctx->detail[0]) kla__fail(ctx, r, "KlaBuffer: copy on backend %s: %s", ctx->be->name, kla_strerror(r));
+    return r;
+}
+
+int kla_buffer_write(KlaBuffer *b, KlaIn src)
+{
+    if (!b) return KLA_EINVAL;
+    int r = enter(b->ctx, "kla_buffer_write");
+    if (r) return r;
+    if (src.buffer) return leave(b->ctx, kla__fail(b->ctx, KLA_EINVAL, "KlaBuffer: src must be host memory"));
+    return leave(b->ctx, buffer_xfer(b, (void *)src.data, src.dtype, src.numel, 1));
+}
+
+int kla_buffer_read(KlaBuffer *b, KlaOut dst)
+{
+    if (!b) return KLA_EINVAL;
+    int r = enter(b->ctx, "kla_buffer_read");
+    if (r) return r;
+    if (dst.buffer) return leave(b->ctx, kla__fail(b->ctx, KLA_EINVAL, "KlaBuffer: dst must be host memory"));
+    return leave(b->ctx, buffer_xfer(b, dst.data, dst.dtype, dst.numel, 0));
 }
 
 /* ---- the reference backends ------------------------------------------------------------ */

@@ -27,7 +27,27 @@ typedef struct kla_io {
     void *at, *dg_atk, *dbeta_atk, *dlog_atk_scale, *da0; /* precond ATK */
     void *state;  /* decode: the host states [N, HV, K, V]; decode_state: the backend's handle */
     void *astate; /* decode with precond ATK: the ATK states [N, H, K], read and updated */
+    /* KLA_R_* bits: that tensor is a backend memory handle (a KlaBuffer's h), not host
+     * memory; only for backends with mem_new, never for the family's tensors */
+    unsigned resident;
 } kla_io;
+
+enum {
+    KLA_R_Q = 1 << 0, KLA_R_K = 1 << 1, KLA_R_V = 1 << 2, KLA_R_G = 1 << 3, KLA_R_A = 1 << 4,
+    KLA_R_H0 = 1 << 5, KLA_R_DO = 1 << 6, KLA_R_DHT = 1 << 7, KLA_R_O = 1 << 8, KLA_R_HT = 1 << 9,
+    KLA_R_DQ = 1 << 10, KLA_R_DK = 1 << 11, KLA_R_DV = 1 << 12, KLA_R_DG = 1 << 13, KLA_R_DA = 1 << 14,
+    KLA_R_DH0 = 1 << 15, KLA_R_STATE = 1 << 16
+};
+
+/* A tensor kept by the backend (kla_buffer_new): its memory handle h (backends with
+ * mem_new) or host memory in dtype. */
+struct KlaBuffer {
+    KlaContext *ctx;
+    KlaDtype dtype;
+    int64_t numel;
+    void *host;
+    void *h;
+};
 
 
 
@@ -50,14 +70,22 @@ typedef struct kla_backend {
     int (*decode)(void *state, const kla_problem *p, kla_io *io);
     /* optional, GPU backends: kla_gpu_time of the last call that succeeded */
     int (*gpu_time)(void *state, double *ms, const char **names, int max);
-    /* optional: KlaState in the backend's own memory (all four, or none: then the glue keeps
-     * the state in host memory, in the backend's dtype and the KV layout, and calls decode).
-     * state_copy moves `bytes` between host (that layout and dtype) and the handle;
-     * decode_state is decode with io->state the handle. */
-    int (*state_new)(void *state, int64_t bytes, void **h);
-    void (*state_free)(void *state, void *h);
-    int (*state_copy)(void *state, void *h, void *host, int64_t bytes, int to_backend);
+    /* optional: memory of the backend's own, for KlaState and KlaBuffer (all four, or
+     * none: then the glue keeps states and buffers in host memory and calls decode).
+     * mem_new makes a zeroed block of `bytes`; mem_copy moves `bytes` between host (the
+     * backend's dtype, states in the KV layout) and the handle; decode_state is decode with
+     * io->state the handle. forward, backward and decode take handles where io->resident
+     * says so. */
+    int (*mem_new)(void *state, int64_t bytes, void **h);
+    void (*mem_free)(void *state, void *h);
+    int (*mem_copy)(void *state, void *h, void *host, int64_t bytes, int to_backend);
     int (*decode_state)(void *state, const kla_problem *p, kla_io *io);
+    /* optional, vulkan: a context on the application's device (KlaVulkanDevice), a handle
+     * for the application's buffer, the buffer behind a handle */
+    int (*open_external)(void **state, const KlaParams *params, const KlaVulkanDevice *dev, char *err,
+                         size_t errlen);
+    int (*mem_wrap)(void *state, uint64_t buffer, uint64_t offset, int64_t bytes, void **h);
+    void (*mem_handle)(void *h, uint64_t *buffer, uint64_t *offset);
 } kla_backend;
 
 extern const kla_backend kla_backend_ref;

@@ -84,7 +84,7 @@ static void view(const st_tensor *s, KlaFileTensor *t)
     t->data = s->data;
     int ok;
     KlaDtype kd = kdtype(s->dtype, &ok);
-    if (ok) t->in = (KlaIn){ s->data ? s->data : (const void *)empty_data, kd, s->numel };
+    if (ok) t->in = KLA_IN(s->data ? s->data : (const void *)empty_data, kd, s->numel);
 }
 
 int kla_file_tensor(const KlaFile *f, int i, KlaFileTensor *t)
@@ -322,7 +322,7 @@ static KlaIn in_of(const st_tensor *t)
     if (!t) return (KlaIn){ 0 };
     int ok;
     KlaDtype d = kdtype(t->dtype, &ok);
-    return (KlaIn){ t->data ? t->data : (const void *)empty_data, d, t->numel };
+    return KLA_IN(t->data ? t->data : (const void *)empty_data, d, t->numel);
 }
 
 static int64_t cu_at(const st_tensor *cu, int64_t i)

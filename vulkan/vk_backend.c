@@ -37,9 +37,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include <vulkan/vulkan.h>
-
-#include "kla_internal.h"
+#include "vk_internal.h"
 
 static const uint32_t spv_prep_sg[] =
 #include "prep_sg.spv.h"
@@ -81,15 +79,6 @@ static const uint32_t spv_chunk_bwd[] =
 #include "chunk_bwd.spv.h"
     ;
 
-enum { SH_PREP, SH_POST, SH_REC_FWD, SH_REC_BWD, SH_REC_DSTATE, SH_CHUNK_PREP, SH_CHUNK_STATE, SH_CHUNK_OUT,
-       SH_CHUNK_DSTATE, SH_CHUNK_BWDV, SH_CHUNK_BWD, NSHADERS };
-
-/* binding numbers: shaders/common.glsl */
-enum {
-    B_Q, B_K, B_V, B_G, B_A, B_H0, B_OFFS, B_O, B_HT, B_QH, B_KH, B_NRM, B_BETA, B_CKPT,
-    B_DO, B_DHT, B_SCR, B_DQP, B_DKP, B_DSP, B_DV, B_DQ, B_DK, B_DG, B_DA, B_DH0,
-    B_W, B_U, B_VN, B_HS, B_GC, B_DCK, NBIND
-};
 
 static const char *bind_name(int b)
 {
@@ -100,25 +89,6 @@ static const char *bind_name(int b)
     return b >= 0 && b < NBIND ? n[b] : "?";
 }
 
-/* push constants: shaders/common.glsl */
-typedef struct pconst {
-    int32_t N, H, HV, total;
-    int32_t grp, nvb, mode, flags;
-    float scale, eps;
-    int32_t nchunk, pad;
-    int32_t w0, w1; /* window of a sequential pass (common.glsl) */
-} pconst;
-
-enum {
-    F_G = 1, F_H0 = 2, F_HT = 4, F_L2Q = 8, F_L2K = 16, F_DHT = 32, F_DH0 = 64, F_DG = 128,
-    F_CKPT = 256, F_TM = 512, F_DVI = 1024
-};
-
-/* ---- validation messages (tests assert there are none) ------------------------------- */
-
-static int g_messages;
-#define NSTAMPS 10 /* start, then one after each of up to 8 dispatches, end */
-
 static const char *const shader_name[NSHADERS] = {
     [SH_PREP] = "prep", [SH_POST] = "bwd_post", [SH_REC_FWD] = "rec_fwd", [SH_REC_BWD] = "rec_bwd",
     [SH_REC_DSTATE] = "rec_dstate", [SH_CHUNK_PREP] = "chunk_prep", [SH_CHUNK_STATE] = "chunk_state",
@@ -126,382 +96,6 @@ static const char *const shader_name[NSHADERS] = {
     [SH_CHUNK_BWD] = "chunk_bwd",
 };
 
-/* Validation-layer warnings and errors seen by this process (KLA_VULKAN_VALIDATION=1). */
-int kla__vulkan_messages(void);
-int kla__vulkan_messages(void) { return g_messages; }
-
-static VKAPI_ATTR VkBool32 VKAPI_CALL on_message(VkDebugUtilsMessageSeverityFlagBitsEXT sev,
-                                                 VkDebugUtilsMessageTypeFlagsEXT type,
-                                                 const VkDebugUtilsMessengerCallbackDataEXT *d,
-                                                 void *user)
-{
-    (void)type, (void)user;
-    g_messages++;
-    fprintf(stderr, "kla vulkan %s: %s\n",
-            sev & VK_DEBUG_UTILS_MESSAGE_SEVERITY_ERROR_BIT_EXT ? "error" : "warning",
-            d && d->pMessage ? d->pMessage : "?");
-    return VK_FALSE;
-}
-
-/* ---- instance and device choice ------------------------------------------------------- */
-
-typedef struct vbuf {
-    VkBuffer buf;
-    VkDeviceMemory mem;
-    VkDeviceSize cap;
-    void *map;
-} vbuf;
-
-#define NPIPES 32
-
-typedef struct vkpipe {
-    int shader;
-    uint32_t spec[5];
-    VkPipeline pipe;
-    uint32_t epoch; /* the call that last used it */
-} vkpipe;
-
-typedef struct vkctx {
-    VkInstance inst;
-    VkDebugUtilsMessengerEXT messenger;
-    VkPhysicalDevice pd;
-    VkDevice dev;
-    VkQueue queue;
-    uint32_t qfam;
-    VkCommandPool pool;
-    VkCommandBuffer cb;
-    VkFence fence;
-    VkQueryPool timer; /* timestamps around each dispatch, when the queue has them */
-    double tick_ns;
-    /* GPU time of the last call that succeeded (kla_gpu_time): all dispatches, then each */
-    double gpu_ms, split_ms[NSTAMPS];
-    const char *split_name[NSTAMPS];
-    int nsplit;
-    const char *pipe_name; /* shader of the pipeline get_pipe returned last */
-    VkDescriptorSetLayout dsl;
-    VkPipelineLayout pl;
-    VkDescriptorPool dpool;
-    VkDescriptorSet set;
-    VkShaderModule mod[NSHADERS];
-    vkpipe pipes[NPIPES];
-    int npipes;
-    uint32_t epoch; /* calls recorded so far */
-    VkPhysicalDeviceProperties props;
-    VkPhysicalDeviceMemoryProperties mem;
-    int direct;   /* buffers mapped directly, no staging */
-    int subgroup; /* subgroup arithmetic in compute shaders */
-    int64_t loop_cap; /* loop iterations one invocation may run; 0 = no cap (see window) */
-    int stats;    /* KLA_VULKAN_PIPELINE_STATS: print each new pipeline's driver statistics */
-    int passes;   /* KLA_VULKAN_PASSES: forward/backward dispatches recorded n times, last timed */
-    uint32_t dev_type_local, host_type;
-    vbuf b[NBIND];
-    vbuf staging;
-    /* per call: bytes used by each binding, staging transfers */
-    VkDeviceSize used[NBIND];
-    int alias[NBIND]; /* binding -> buffer slot (decode binds the state twice) */
-} vkctx;
-
-static int has_ext(const VkExtensionProperties *e, uint32_t n, const char *name)
-{
-    for (uint32_t i = 0; i < n; i++)
-        if (!strcmp(e[i].extensionName, name)) return 1;
-    return 0;
-}
-
-static int env_on(const char *name)
-{
-    const char *s = getenv(name);
-    return s && *s && strcmp(s, "0") != 0;
-}
-
-/* An instance, with portability enumeration when the loader has it and, when asked for
- * and installed, the validation layer and a messenger counting its messages. */
-static VkResult make_instance(VkInstance *inst, VkDebugUtilsMessengerEXT *messenger, int validate)
-{
-    *inst = VK_NULL_HANDLE;
-    if (messenger) *messenger = VK_NULL_HANDLE;
-    uint32_t ne = 0;
-    VkExtensionProperties *ext = NULL;
-    if (vkEnumerateInstanceExtensionProperties(NULL, &ne, NULL) == VK_SUCCESS && ne) {
-        ext = calloc(ne, sizeof *ext);
-        if (!ext || vkEnumerateInstanceExtensionProperties(NULL, &ne, ext) != VK_SUCCESS) ne = 0;
-    }
-    const char *exts[4];
-    uint32_t nx = 0;
-    VkInstanceCreateFlags flags = 0;
-#ifdef VK_KHR_portability_enumeration
-    if (has_ext(ext, ne, VK_KHR_PORTABILITY_ENUMERATION_EXTENSION_NAME)) {
-        exts[nx++] = VK_KHR_PORTABILITY_ENUMERATION_EXTENSION_NAME;
-        flags |= VK_INSTANCE_CREATE_ENUMERATE_PORTABILITY_BIT_KHR;
-    }
-#endif
-    const char *layers[1];
-    uint32_t nl = 0;
-    if (validate && has_ext(ext, ne, VK_EXT_DEBUG_UTILS_EXTENSION_NAME)) {
-        uint32_t nlp = 0;
-        VkLayerProperties *lp = NULL;
-        if (vkEnumerateInstanceLayerProperties(&nlp, NULL) == VK_SUCCESS && nlp &&
-            (lp = calloc(nlp, sizeof *lp)) && vkEnumerateInstanceLayerProperties(&nlp, lp) == VK_SUCCESS)
-            for (uint32_t i = 0; i < nlp; i++)
-                if (!strcmp(lp[i].layerName, "VK_LAYER_KHRONOS_validation")) {
-                    layers[nl++] = "VK_LAYER_KHRONOS_validation";
-                    exts[nx++] = VK_EXT_DEBUG_UTILS_EXTENSION_NAME;
-                    break;
-                }
-        free(lp);
-        if (!nl) fprintf(stderr, "kla vulkan: KLA_VULKAN_VALIDATION set but the validation layer is not installed\n");
-    }
-    free(ext);
-    VkApplicationInfo app = { .sType = VK_STRUCTURE_TYPE_APPLICATION_INFO, .pApplicationName = "kla",
-                              .pEngineName = "kla", .apiVersion = VK_API_VERSION_1_1 };
-    VkDebugUtilsMessengerCreateInfoEXT mi = {
-        .sType = VK_STRUCTURE_TYPE_DEBUG_UTILS_MESSENGER_CREATE_INFO_EXT,
-        .messageSeverity = VK_DEBUG_UTILS_MESSAGE_SEVERITY_WARNING_BIT_EXT |
-                           VK_DEBUG_UTILS_MESSAGE_SEVERITY_ERROR_BIT_EXT,
-        .messageType = VK_DEBUG_UTILS_MESSAGE_TYPE_GENERAL_BIT_EXT |
-                       VK_DEBUG_UTILS_MESSAGE_TYPE_VALIDATION_BIT_EXT |
-                       VK_DEBUG_UTILS_MESSAGE_TYPE_PERFORMANCE_BIT_EXT,
-        .pfnUserCallback = on_message,
-    };
-    VkInstanceCreateInfo ci = { .sType = VK_STRUCTURE_TYPE_INSTANCE_CREATE_INFO,
-                                .pNext = nl ? &mi : NULL, .flags = flags,
-                                .pApplicationInfo = &app, .enabledLayerCount = nl,
-                                .ppEnabledLayerNames = layers, .enabledExtensionCount = nx,
-                                .ppEnabledExtensionNames = exts };
-    VkResult r = vkCreateInstance(&ci, NULL, inst);
-    if (r != VK_SUCCESS) {
-        *inst = VK_NULL_HANDLE;
-        return r;
-    }
-    if (nl && messenger) {
-        PFN_vkCreateDebugUtilsMessengerEXT f =
-            (PFN_vkCreateDebugUtilsMessengerEXT)vkGetInstanceProcAddr(*inst, "vkCreateDebugUtilsMessengerEXT");
-        if (f) f(*inst, &mi, NULL, messenger);
-    }
-    return VK_SUCCESS;
-}
-
-static void destroy_instance(VkInstance inst, VkDebugUtilsMessengerEXT messenger)
-{
-    if (!inst) return;
-    if (messenger) {
-        PFN_vkDestroyDebugUtilsMessengerEXT f =
-            (PFN_vkDestroyDebugUtilsMessengerEXT)vkGetInstanceProcAddr(inst, "vkDestroyDebugUtilsMessengerEXT");
-        if (f) f(inst, messenger, NULL);
-    }
-    vkDestroyInstance(inst, NULL);
-}
-
-/* Physical devices with a compute queue; *out is malloc'ed. */
-static int list_devices(VkInstance inst, VkPhysicalDevice **out)
-{
-    *out = NULL;
-    uint32_t n = 0;
-    if (vkEnumeratePhysicalDevices(inst, &n, NULL) != VK_SUCCESS || !n) return 0;
-    VkPhysicalDevice *pd = calloc(n, sizeof *pd);
-    if (!pd) return 0;
-    if (vkEnumeratePhysicalDevices(inst, &n, pd) < 0) {
-        free(pd);
-        return 0;
-    }
-    *out = pd;
-    return (int)n;
-}
-
-static int compute_family(VkPhysicalDevice pd, uint32_t *fam)
-{
-    uint32_t n = 0;
-    vkGetPhysicalDeviceQueueFamilyProperties(pd, &n, NULL);
-    VkQueueFamilyProperties qp[32];
-    if (n > 32) n = 32;
-    vkGetPhysicalDeviceQueueFamilyProperties(pd, &n, qp);
-    /* a compute-only family first (no graphics work shares it), else any with compute */
-    for (int pass = 0; pass < 2; pass++)
-        for (uint32_t i = 0; i < n; i++)
-            if ((qp[i].queueFlags & VK_QUEUE_COMPUTE_BIT) && qp[i].queueCount &&
-                (pass || !(qp[i].queueFlags & VK_QUEUE_GRAPHICS_BIT))) {
-                *fam = i;
-                return 1;
-            }
-    return 0;
-}
-
-static const char *type_name(VkPhysicalDeviceType t)
-{
-    switch (t) {
-    case VK_PHYSICAL_DEVICE_TYPE_DISCRETE_GPU: return "discrete";
-    case VK_PHYSICAL_DEVICE_TYPE_INTEGRATED_GPU: return "integrated";
-    case VK_PHYSICAL_DEVICE_TYPE_VIRTUAL_GPU: return "virtual";
-    case VK_PHYSICAL_DEVICE_TYPE_CPU: return "cpu";
-    default: return "other";
-    }
-}
-
-static int type_rank(VkPhysicalDeviceType t)
-{
-    switch (t) {
-    case VK_PHYSICAL_DEVICE_TYPE_DISCRETE_GPU: return 4;
-    case VK_PHYSICAL_DEVICE_TYPE_INTEGRATED_GPU: return 3;
-    case VK_PHYSICAL_DEVICE_TYPE_VIRTUAL_GPU: return 2;
-    case VK_PHYSICAL_DEVICE_TYPE_CPU: return 1;
-    default: return 0;
-    }
-}
-
-static int contains_ci(const char *hay, const char *needle)
-{
-    for (; *hay; hay++) {
-        size_t i = 0;
-        while (needle[i] && hay[i] && tolower((unsigned char)hay[i]) == tolower((unsigned char)needle[i])) i++;
-        if (!needle[i]) return 1;
-    }
-    return 0;
-}
-
-/* The device index: KlaParams.gpu_device, else env KLA_VULKAN_DEVICE (an index or a name
- * substring), else discrete > integrated > virtual > cpu. -1 if none fits. */
-static int choose_device(VkPhysicalDevice *pd, int n, int want, char *err, size_t errlen)
-{
-    const char *env = getenv("KLA_VULKAN_DEVICE");
-    if (want < 0 && env && *env) {
-        char *end;
-        long v = strtol(env, &end, 10);
-        if (!*end) want = (int)v;
-        else {
-            for (int i = 0; i < n; i++) {
-                VkPhysicalDeviceProperties pr;
-                vkGetPhysicalDeviceProperties(pd[i], &pr);
-                uint32_t f;
-                if (contains_ci(pr.deviceName, env) && compute_family(pd[i], &f)) return i;
-            }
-            snprintf(err, errlen, "KLA_VULKAN_DEVICE=%s matches no device", env);
-            return -1;
-        }
-    }
-    uint32_t fam;
-    if (want >= 0) {
-        if (want >= n || !compute_family(pd[want], &fam)) {
-            snprintf(err, errlen, "Vulkan device %d does not exist or has no compute queue", want);
-            return -1;
-        }
-        return want;
-    }
-    int best = -1, rank = -1;
-    for (int i = 0; i < n; i++) {
-        VkPhysicalDeviceProperties pr;
-        vkGetPhysicalDeviceProperties(pd[i], &pr);
-        if (pr.apiVersion < VK_API_VERSION_1_1 || !compute_family(pd[i], &fam)) continue;
-        if (type_rank(pr.deviceType) > rank) best = i, rank = type_rank(pr.deviceType);
-    }
-    if (best < 0) snprintf(err, errlen, "no Vulkan 1.1 device with a compute queue");
-    return best;
-}
-
-static int g_usable = -1;
-
-static int vk_usable(void)
-{
-    if (g_usable >= 0) return g_usable;
-    VkInstance inst;
-    g_usable = 0;
-    if (make_instance(&inst, NULL, 0) != VK_SUCCESS) return 0;
-    VkPhysicalDevice *pd;
-    int n = list_devices(inst, &pd);
-    char err[128];
-    g_usable = n > 0 && choose_device(pd, n, -1, err, sizeof err) >= 0;
-    free(pd);
-    destroy_instance(inst, VK_NULL_HANDLE);
-    return g_usable;
-}
-
-int kla_vulkan_devices(char *buf, size_t len)
-{
-    if (buf && len) buf[0] = 0;
-    VkInstance inst;
-    if (make_instance(&inst, NULL, 0) != VK_SUCCESS) return KLA_ENODEV;
-    VkPhysicalDevice *pd;
-    int n = list_devices(inst, &pd);
-    size_t used = 0;
-    for (int i = 0; i < n; i++) {
-        VkPhysicalDeviceProperties pr;
-        vkGetPhysicalDeviceProperties(pd[i], &pr);
-        if (buf && used < len) {
-            int w = snprintf(buf + used, len - used, "%d: %s (%s)\n", i, pr.deviceName, type_name(pr.deviceType));
-            if (w > 0) used += (size_t)w < len - used ? (size_t)w : len - used - 1;
-        }
-    }
-    free(pd);
-    destroy_instance(inst, VK_NULL_HANDLE);
-    return n > 0 ? n : KLA_ENODEV;
-}
-
-/* ---- buffers --------------------------------------------------------------------------- */
-
-static int find_type(const vkctx *c, uint32_t bits, VkMemoryPropertyFlags want)
-{
-    for (uint32_t i = 0; i < c->mem.memoryTypeCount; i++)
-        if ((bits & (1u << i)) && (c->mem.memoryTypes[i].propertyFlags & want) == want) return (int)i;
-    return -1;
-}
-
-static void buf_free(vkctx *c, vbuf *b)
-{
-    if (b->map) vkUnmapMemory(c->dev, b->mem);
-    if (b->buf) vkDestroyBuffer(c->dev, b->buf, NULL);
-    if (b->mem) vkFreeMemory(c->dev, b->mem, NULL);
-    memset(b, 0, sizeof *b);
-}
-
-/* b holds at least `bytes`; host-visible (mapped) when host, else device-local. */
-static int buf_ensure(vkctx *c, vbuf *b, VkDeviceSize bytes, int host)
-{
-    if (bytes < 256) bytes = 256;
-    if (b->buf && b->cap >= bytes) return 0;
-    buf_free(c, b);
-    bytes = (bytes + 4095) & ~(VkDeviceSize)4095;
-    VkBufferCreateInfo bi = { .sType = VK_STRUCTURE_TYPE_BUFFER_CREATE_INFO, .size = bytes,
-                              .usage = VK_BUFFER_USAGE_STORAGE_BUFFER_BIT |
-                                       VK_BUFFER_USAGE_TRANSFER_SRC_BIT | VK_BUFFER_USAGE_TRANSFER_DST_BIT,
-                              .sharingMode = VK_SHARING_MODE_EXCLUSIVE };
-    VkResult r = vkCreateBuffer(c->dev, &bi, NULL, &b->buf);
-    if (r != VK_SUCCESS) {
-        b->buf = VK_NULL_HANDLE;
-        return kla__fail(kla__current, KLA_ENOMEM, "backend vulkan: vkCreateBuffer of %llu bytes failed (%d)",
-                         (unsigned long long)bytes, (int)r);
-    }
-    VkMemoryRequirements mr;
-    vkGetBufferMemoryRequirements(c->dev, b->buf, &mr);
-    int type = -1;
-    if (host) {
-        type = find_type(c, mr.memoryTypeBits, VK_MEMORY_PROPERTY_HOST_VISIBLE_BIT |
-                                                  VK_MEMORY_PROPERTY_HOST_COHERENT_BIT |
-                                                  VK_MEMORY_PROPERTY_HOST_CACHED_BIT);
-        if (type < 0)
-            type = find_type(c, mr.memoryTypeBits, VK_MEMORY_PROPERTY_HOST_VISIBLE_BIT |
-                                                      VK_MEMORY_PROPERTY_HOST_COHERENT_BIT);
-    } else {
-        type = find_type(c, mr.memoryTypeBits, VK_MEMORY_PROPERTY_DEVICE_LOCAL_BIT);
-    }
-    VkMemoryAllocateInfo ai = { .sType = VK_STRUCTURE_TYPE_MEMORY_ALLOCATE_INFO,
-                                .allocationSize = mr.size, .memoryTypeIndex = (uint32_t)type };
-    VkResult ar = type < 0 ? VK_ERROR_FEATURE_NOT_PRESENT : vkAllocateMemory(c->dev, &ai, NULL, &b->mem);
-    if (ar != VK_SUCCESS) {
-        b->mem = VK_NULL_HANDLE;
-        buf_free(c, b);
-        return kla__fail(kla__current, KLA_ENOMEM, "backend vulkan: cannot allocate %llu bytes of %s memory (%s)",
-                         (unsigned long long)mr.size, host ? "host-visible" : "device-local",
-                         type < 0 ? "no such memory type" : ar == VK_ERROR_OUT_OF_DEVICE_MEMORY ? "out of device memory"
-                         : ar == VK_ERROR_OUT_OF_HOST_MEMORY ? "out of host memory" : "vkAllocateMemory failed");
-    }
-    if (vkBindBufferMemory(c->dev, b->buf, b->mem, 0) != VK_SUCCESS ||
-        (host && vkMapMemory(c->dev, b->mem, 0, VK_WHOLE_SIZE, 0, &b->map) != VK_SUCCESS)) {
-        b->map = NULL;
-        buf_free(c, b);
-        return KLA_EIO;
-    }
-    b->cap = bytes;
-    return 0;
-}
 
 /* ---- pipelines --------------------------------------------------------------------------- */
 
@@ -593,7 +187,8 @@ static void vk_close(void *state)
     vkctx *c = state;
     if (!c) return;
     if (c->dev) {
-        vkDeviceWaitIdle(c->dev);
+        /* every call waits for its work; an application's device is not ours to idle */
+        if (!c->external) vkDeviceWaitIdle(c->dev);
         for (int i = 0; i < c->npipes; i++) vkDestroyPipeline(c->dev, c->pipes[i].pipe, NULL);
         for (int i = 0; i < NSHADERS; i++)
             if (c->mod[i]) vkDestroyShaderModule(c->dev, c->mod[i], NULL);
@@ -605,9 +200,9 @@ static void vk_close(void *state)
         if (c->fence) vkDestroyFence(c->dev, c->fence, NULL);
         if (c->timer) vkDestroyQueryPool(c->dev, c->timer, NULL);
         if (c->pool) vkDestroyCommandPool(c->dev, c->pool, NULL);
-        vkDestroyDevice(c->dev, NULL);
+        if (!c->external) vkDestroyDevice(c->dev, NULL);
     }
-    destroy_instance(c->inst, c->messenger);
+    if (!c->external) destroy_instance(c->inst, c->messenger);
     free(c);
 }
 
@@ -622,6 +217,8 @@ static void vk_close(void *state)
                        : KLA_ENODEV;                                                             \
         }                                                                                        \
     } while (0)
+
+static int vk_setup(vkctx *c, void **state, char *err, size_t errlen);
 
 static int vk_open(void **state, const KlaParams *params, char *err, size_t errlen)
 {
@@ -641,6 +238,44 @@ static int vk_open(void **state, const KlaParams *params, char *err, size_t errl
     c->pd = pd[idx];
     free(pd);
     compute_family(c->pd, &c->qfam);
+    return vk_setup(c, state, err, errlen);
+}
+
+/* A context on the application's instance, device and queue (kla_open_vulkan). */
+static int vk_open_external(void **state, const KlaParams *params, const KlaVulkanDevice *d, char *err,
+                            size_t errlen)
+{
+    (void)params;
+    *state = NULL;
+    vkctx *c = calloc(1, sizeof *c);
+    if (!c) return KLA_ENOMEM;
+    c->gpu_ms = -1;
+    c->external = 1;
+    c->inst = (VkInstance)d->instance, c->pd = (VkPhysicalDevice)d->physical_device;
+    c->dev = (VkDevice)d->device, c->queue = (VkQueue)d->queue, c->qfam = d->queue_family;
+    uint32_t nf = 0;
+    vkGetPhysicalDeviceQueueFamilyProperties(c->pd, &nf, NULL);
+    VkQueueFamilyProperties *qp = nf ? calloc(nf, sizeof *qp) : NULL;
+    if (qp) vkGetPhysicalDeviceQueueFamilyProperties(c->pd, &nf, qp);
+    const int ok = qp && c->qfam < nf && (qp[c->qfam].queueFlags & VK_QUEUE_COMPUTE_BIT);
+    free(qp);
+    VkPhysicalDeviceProperties pp;
+    vkGetPhysicalDeviceProperties(c->pd, &pp);
+    if (!ok || pp.apiVersion < VK_API_VERSION_1_1) {
+        snprintf(err, errlen, ok ? "the device is Vulkan %u.%u, kla needs 1.1"
+                                 : "queue family %u has no VK_QUEUE_COMPUTE_BIT (or does not exist)",
+                 ok ? VK_VERSION_MAJOR(pp.apiVersion) : c->qfam, VK_VERSION_MINOR(pp.apiVersion));
+        c->dev = VK_NULL_HANDLE; /* nothing of ours on it yet */
+        vk_close(c);
+        return KLA_EINVAL;
+    }
+    return vk_setup(c, state, err, errlen);
+}
+
+/* Everything after the choice of device: limits, the device and queue (unless the
+ * application's), command pool, fence, timestamps, the descriptor layout, shaders. */
+static int vk_setup(vkctx *c, void **state, char *err, size_t errlen)
+{
     vkGetPhysicalDeviceProperties(c->pd, &c->props);
     /* A test knob: the shared-memory size the tile choices assume. Lower than the device's
      * it is always safe; higher is only for llvmpipe, which sizes shared memory per shader:
@@ -699,6 +334,7 @@ static int vk_open(void **state, const KlaParams *params, char *err, size_t errl
         return KLA_ENODEV;
     }
 
+    if (!c->external) {
     /* device extensions: the portability subset where the device has it (MoltenVK; the
      * spec requires enabling it), pipeline statistics when asked for */
     const char *dexts[2];
@@ -729,6 +365,7 @@ static int vk_open(void **state, const KlaParams *params, char *err, size_t errl
                               .enabledExtensionCount = ndx, .ppEnabledExtensionNames = dexts };
     CHECK(vkCreateDevice(c->pd, &di, NULL, &c->dev), "vkCreateDevice");
     vkGetDeviceQueue(c->dev, c->qfam, 0, &c->queue);
+    }
 
     VkCommandPoolCreateInfo pci = { .sType = VK_STRUCTURE_TYPE_COMMAND_POOL_CREATE_INFO,
                                     .flags = VK_COMMAND_POOL_CREATE_RESET_COMMAND_BUFFER_BIT,
@@ -821,13 +458,19 @@ typedef struct call {
     int quiet;       /* a pass that is not timed (KLA_VULKAN_PASSES) */
     uint32_t nstamp; /* timestamps written */
     const char *name[NSTAMPS]; /* name[i]: the dispatch that timestamp i ends */
-    const vbuf *state; /* decode with a KlaState: bound as h0 (= ht), no transfers */
+    /* bindings held in a buffer of the caller's (a KlaState, a KlaBuffer): bound as they
+     * are, no transfers */
+    const vbuf *ext[NBIND];
 } call;
 
 /* Binding `bind` holds `bytes` for this call. */
 static int need(call *k, int bind, VkDeviceSize bytes)
 {
     vkctx *c = k->c;
+    if (k->ext[bind]) { /* sized by the glue's checks */
+        c->used[bind] = bytes;
+        return 0;
+    }
     if (bytes > c->props.limits.maxStorageBufferRange)
         return kla__fail(kla__current, KLA_ENOMEM,
                          "backend vulkan: binding %s needs %llu bytes, over the device's "
@@ -841,23 +484,16 @@ static int need(call *k, int bind, VkDeviceSize bytes)
 static int upload(call *k, int bind, const void *host, VkDeviceSize bytes)
 {
     int r = need(k, bind, bytes);
-    if (r || !host) return r;
+    if (r || !host || k->ext[bind]) return r;
     k->up[k->nup++] = (xfer){ bind, (void *)host, bytes, 0 };
     return 0;
 }
 
 static int download(call *k, int bind, void *host, VkDeviceSize bytes)
 {
-    if (!host) return 0;
+    if (!host || k->ext[k->c->alias[bind]]) return 0;
     k->down[k->ndown++] = (xfer){ bind, host, bytes, 0 };
     return 0;
-}
-
-static void barrier(VkCommandBuffer cb, VkPipelineStageFlags src, VkAccessFlags sa,
-                    VkPipelineStageFlags dst, VkAccessFlags da)
-{
-    VkMemoryBarrier mb = { .sType = VK_STRUCTURE_TYPE_MEMORY_BARRIER, .srcAccessMask = sa, .dstAccessMask = da };
-    vkCmdPipelineBarrier(cb, src, dst, 0, 1, &mb, 0, NULL, 0, NULL);
 }
 
 /* Writes the descriptor set, copies the uploads, begins the command buffer. */
@@ -878,16 +514,14 @@ static int begin(call *k)
     for (int i = 0; i < NBIND; i++) {
         const int s = c->alias[i];
         VkDeviceSize range = c->used[s] ? c->used[s] : 256;
-        bi[i] = (VkDescriptorBufferInfo){ k->state && s == B_H0 ? k->state->buf : c->b[s].buf, 0, range };
+        bi[i] = k->ext[s] ? (VkDescriptorBufferInfo){ k->ext[s]->buf, k->ext[s]->off, range }
+                          : (VkDescriptorBufferInfo){ c->b[s].buf, 0, range };
         w[i] = (VkWriteDescriptorSet){ .sType = VK_STRUCTURE_TYPE_WRITE_DESCRIPTOR_SET, .dstSet = c->set,
                                        .dstBinding = (uint32_t)i, .descriptorCount = 1,
                                        .descriptorType = VK_DESCRIPTOR_TYPE_STORAGE_BUFFER, .pBufferInfo = &bi[i] };
     }
     vkUpdateDescriptorSets(c->dev, NBIND, w, 0, NULL);
-    VkCommandBufferBeginInfo cbi = { .sType = VK_STRUCTURE_TYPE_COMMAND_BUFFER_BEGIN_INFO,
-                                     .flags = VK_COMMAND_BUFFER_USAGE_ONE_TIME_SUBMIT_BIT };
-    if (vkResetCommandBuffer(c->cb, 0) != VK_SUCCESS || vkBeginCommandBuffer(c->cb, &cbi) != VK_SUCCESS)
-        return KLA_EIO;
+    if (begin_cb(c)) return KLA_EIO;
     k->recording = 1;
     c->epoch++; /* pipelines fetched from here on are used by this command buffer */
     if (!c->direct && k->nup) {
@@ -1151,7 +785,7 @@ static uint32_t cstate_fit(const vkctx *c, int64_t K, int64_t V, uint32_t C, uin
 
 static int vk_forward_impl(vkctx *c, const kla_problem *p, int *algo, const float *q,
                            const float *kk, const float *v, const float *g, const float *a,
-                           const float *h0, float *o, float *ht, int decode, const vbuf *state)
+                           const float *h0, float *o, float *ht, int decode, const vbuf *const *ext)
 {
     /* the chunkwise kernels unless recurrent was asked for; chunks above 64 tokens are
      * run as 64 (the same result: the chunk size only groups the arithmetic) */
@@ -1172,18 +806,18 @@ static int vk_forward_impl(vkctx *c, const kla_problem *p, int *algo, const floa
         free(P.offs);
         return r;
     }
-    call k = { .c = c, .state = state };
+    call k = { .c = c };
+    if (ext) memcpy(k.ext, ext, sizeof k.ext);
     reset_bindings(c);
     const VkDeviceSize f = 4, nv = (VkDeviceSize)(P.total * P.HV * P.V) * f;
     const VkDeviceSize nst = (VkDeviceSize)(P.N * P.HV * P.K * P.V) * f;
     /* rec_fwd in windows of tokens, chunk_state of chunks, on a loop-capped device: the
      * state is carried in ht */
     const int64_t wrec = chunk ? window_len(c, P.K + 4 * C + 64, 1, P.maxseg) : window_len(c, 3 * P.K + 8, 16, P.maxlen);
-    P.pc.flags |= (g ? F_G : 0) | (h0 || state ? F_H0 : 0) | (ht || state || wrec ? F_HT : 0);
-    if (state) c->used[B_H0] = nst; /* the KlaState's buffer, bound in begin() */
+    P.pc.flags |= (g ? F_G : 0) | (h0 ? F_H0 : 0) | (ht || wrec ? F_HT : 0);
     if ((r = bind_prep(&k, &P, q, kk, a)) || (r = upload(&k, B_V, v, nv)) ||
         (r = upload(&k, B_G, g, g ? (VkDeviceSize)(P.total * P.HV) * f : 0)) ||
-        (r = state ? 0 : upload(&k, B_H0, h0, h0 ? nst : 0)) || (r = need(&k, B_O, nv)) ||
+        (r = upload(&k, B_H0, h0, h0 ? nst : 0)) || (r = need(&k, B_O, nv)) ||
         (r = decode ? 0 : need(&k, B_HT, ht || wrec ? nst : 0)))
         goto out;
     if (decode) c->alias[B_HT] = B_H0; /* the state is read and written in place */
@@ -1226,102 +860,43 @@ out:
     return abandon(&k, r);
 }
 
+/* The bindings a call's KlaBuffers hold (io->resident): their vbufs, bound in place. */
+static void ext_from(const kla_io *x, const vbuf *ext[NBIND])
+{
+    const struct { unsigned bit; int bind; const void *p; } m[] = {
+        { KLA_R_Q, B_Q, x->q }, { KLA_R_K, B_K, x->k }, { KLA_R_V, B_V, x->v }, { KLA_R_G, B_G, x->g },
+        { KLA_R_A, B_A, x->a }, { KLA_R_H0, B_H0, x->h0 }, { KLA_R_DO, B_DO, x->dout },
+        { KLA_R_DHT, B_DHT, x->dht }, { KLA_R_O, B_O, x->o }, { KLA_R_HT, B_HT, x->ht },
+        { KLA_R_DQ, B_DQ, x->dq }, { KLA_R_DK, B_DK, x->dk }, { KLA_R_DV, B_DV, x->dv },
+        { KLA_R_DG, B_DG, x->dg }, { KLA_R_DA, B_DA, x->da }, { KLA_R_DH0, B_DH0, x->dh0 },
+        { KLA_R_STATE, B_H0, x->state }, /* decode: the state is bound as h0 (= ht) */
+    };
+    for (int i = 0; i < NBIND; i++) ext[i] = NULL;
+    for (size_t i = 0; i < sizeof m / sizeof m[0]; i++)
+        if (x->resident & m[i].bit) ext[m[i].bind] = m[i].p;
+}
+
 static int vk_forward(void *state, const kla_problem *p, kla_io *x)
 {
-    return vk_forward_impl(state, p, &x->algo, x->q, x->k, x->v, x->g, x->a, x->h0, x->o, x->ht, 0, NULL);
+    const vbuf *ext[NBIND];
+    ext_from(x, ext);
+    return vk_forward_impl(state, p, &x->algo, x->q, x->k, x->v, x->g, x->a, x->h0, x->o, x->ht, 0, ext);
 }
 
 static int vk_decode(void *state, const kla_problem *p, kla_io *x)
 {
     /* one token per sequence with h0 = ht = the state */
+    const vbuf *ext[NBIND];
+    ext_from(x, ext);
     x->algo = KLA_ALGO_RECURRENT;
-    return vk_forward_impl(state, p, &x->algo, x->q, x->k, x->v, x->g, x->a, x->state, x->o, x->state, 1, NULL);
+    return vk_forward_impl(state, p, &x->algo, x->q, x->k, x->v, x->g, x->a, x->state, x->o, x->state, 1, ext);
 }
 
-/* ---- KlaState: decode states kept in a buffer of their own ----------------------------- */
-
-/* Runs the command buffer (recorded by the caller between begin and end) and waits. */
-static int submit_wait(vkctx *c)
-{
-    VkSubmitInfo si = { .sType = VK_STRUCTURE_TYPE_SUBMIT_INFO, .commandBufferCount = 1, .pCommandBuffers = &c->cb };
-    if (vkEndCommandBuffer(c->cb) != VK_SUCCESS || vkResetFences(c->dev, 1, &c->fence) != VK_SUCCESS ||
-        vkQueueSubmit(c->queue, 1, &si, c->fence) != VK_SUCCESS ||
-        vkWaitForFences(c->dev, 1, &c->fence, VK_TRUE, UINT64_MAX) != VK_SUCCESS)
-        return KLA_EIO;
-    return 0;
-}
-
-static int begin_cb(vkctx *c)
-{
-    VkCommandBufferBeginInfo cbi = { .sType = VK_STRUCTURE_TYPE_COMMAND_BUFFER_BEGIN_INFO,
-                                     .flags = VK_COMMAND_BUFFER_USAGE_ONE_TIME_SUBMIT_BIT };
-    return vkResetCommandBuffer(c->cb, 0) != VK_SUCCESS || vkBeginCommandBuffer(c->cb, &cbi) != VK_SUCCESS
-               ? KLA_EIO
-               : 0;
-}
-
-/* host -> state (to_dev) or state -> host, through the staging buffer unless mapped */
-static int vk_state_copy(void *state, void *h, void *host, int64_t bytes, int to_dev)
-{
-    vkctx *c = state;
-    vbuf *b = h;
-    if (b->map) {
-        if (to_dev) memcpy(b->map, host, (size_t)bytes);
-        else memcpy(host, b->map, (size_t)bytes);
-        return 0;
-    }
-    int r = buf_ensure(c, &c->staging, (VkDeviceSize)bytes, 1);
-    if (r) return r;
-    if (to_dev) memcpy(c->staging.map, host, (size_t)bytes);
-    if ((r = begin_cb(c))) return r;
-    VkBufferCopy bc = { 0, 0, (VkDeviceSize)bytes };
-    vkCmdCopyBuffer(c->cb, to_dev ? c->staging.buf : b->buf, to_dev ? b->buf : c->staging.buf, 1, &bc);
-    barrier(c->cb, VK_PIPELINE_STAGE_TRANSFER_BIT, VK_ACCESS_TRANSFER_WRITE_BIT,
-            to_dev ? VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT : VK_PIPELINE_STAGE_HOST_BIT,
-            to_dev ? VK_ACCESS_SHADER_READ_BIT | VK_ACCESS_SHADER_WRITE_BIT : VK_ACCESS_HOST_READ_BIT);
-    if ((r = submit_wait(c))) return r;
-    if (!to_dev) memcpy(host, c->staging.map, (size_t)bytes);
-    return 0;
-}
-
-static void vk_state_free(void *state, void *h)
-{
-    vkctx *c = state;
-    if (!h) return;
-    vkDeviceWaitIdle(c->dev);
-    buf_free(c, h);
-    free(h);
-}
-
-/* A zeroed buffer of `bytes`: device-local (host-visible where there is no staging) */
-static int vk_state_new(void *state, int64_t bytes, void **h)
-{
-    vkctx *c = state;
-    *h = NULL;
-    if ((VkDeviceSize)bytes > c->props.limits.maxStorageBufferRange) return KLA_ENOMEM;
-    vbuf *b = calloc(1, sizeof *b);
-    if (!b) return KLA_ENOMEM;
-    int r = buf_ensure(c, b, (VkDeviceSize)bytes, c->direct);
-    if (!r && b->map) memset(b->map, 0, (size_t)bytes);
-    if (!r && !b->map && !(r = begin_cb(c))) {
-        vkCmdFillBuffer(c->cb, b->buf, 0, VK_WHOLE_SIZE, 0);
-        barrier(c->cb, VK_PIPELINE_STAGE_TRANSFER_BIT, VK_ACCESS_TRANSFER_WRITE_BIT,
-                VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, VK_ACCESS_SHADER_READ_BIT | VK_ACCESS_SHADER_WRITE_BIT);
-        r = submit_wait(c);
-    }
-    if (r) {
-        buf_free(c, b);
-        free(b);
-        return r;
-    }
-    *h = b;
-    return 0;
-}
 
 static int vk_decode_state(void *state, const kla_problem *p, kla_io *x)
 {
-    x->algo = KLA_ALGO_RECURRENT;
-    return vk_forward_impl(state, p, &x->algo, x->q, x->k, x->v, x->g, x->a, NULL, x->o, NULL, 1, x->state);
+    x->resident |= KLA_R_STATE; /* x->state is the KlaState's vbuf */
+    return vk_decode(state, p, x);
 }
 
 /*
@@ -1340,7 +915,7 @@ static int vk_decode_state(void *state, const kla_problem *p, kla_io *x)
 static int vk_backward_chunk(vkctx *c, const kla_problem *p, const void *q, const void *kk,
                              const void *v, const void *g, const void *a, const void *h0,
                              const void *dout, const void *dht, void *o, void *ht, void *dq,
-                             void *dk, void *dv, void *dg, void *da, void *dh0)
+                             void *dk, void *dv, void *dg, void *da, void *dh0, const vbuf *const *ext)
 {
     const uint64_t shm = c->props.limits.maxComputeSharedMemorySize;
     uint32_t C = 64;
@@ -1374,6 +949,7 @@ static int vk_backward_chunk(vkctx *c, const kla_problem *p, const void *q, cons
         return r;
     }
     call k = { .c = c };
+    memcpy(k.ext, ext, sizeof k.ext);
     reset_bindings(c);
     const VkDeviceSize f = 4, nv = (VkDeviceSize)(P.total * P.HV * P.V) * f;
     const VkDeviceSize nst = (VkDeviceSize)(P.N * P.HV * P.K * P.V) * f;
@@ -1440,9 +1016,11 @@ static int vk_backward(void *state, const kla_problem *p, kla_io *x)
     const void *dht = x->dht;
     void *o = x->o, *ht = x->ht, *dq = x->dq, *dk = x->dk, *dv = x->dv, *dg = x->dg, *da = x->da;
     void *dh0 = x->dh0;
+    const vbuf *ext[NBIND];
+    ext_from(x, ext);
     if (x->algo != KLA_ALGO_RECURRENT) {
         x->algo = KLA_ALGO_CHUNK;
-        int r = vk_backward_chunk(c, p, q, kk, v, g, a, h0, dout, dht, o, ht, dq, dk, dv, dg, da, dh0);
+        int r = vk_backward_chunk(c, p, q, kk, v, g, a, h0, dout, dht, o, ht, dq, dk, dv, dg, da, dh0, ext);
         if (r != NO_CHUNK_FIT) return r;
     }
     x->algo = KLA_ALGO_RECURRENT;
@@ -1454,6 +1032,7 @@ static int vk_backward(void *state, const kla_problem *p, kla_io *x)
         return r;
     }
     call k = { .c = c };
+    memcpy(k.ext, ext, sizeof k.ext);
     reset_bindings(c);
     const VkDeviceSize f = 4, nv = (VkDeviceSize)(P.total * P.HV * P.V) * f;
     const VkDeviceSize nst = (VkDeviceSize)(P.N * P.HV * P.K * P.V) * f;
@@ -1539,6 +1118,7 @@ const kla_backend kla_backend_vulkan = {
     .name = "vulkan", .real = KLA_F32, .usable = vk_usable, .open = vk_open, .close = vk_close,
     .describe = vk_describe,
     .forward = vk_forward, .backward = vk_backward, .decode = vk_decode, .gpu_time = vk_gpu_time,
-    .state_new = vk_state_new, .state_free = vk_state_free, .state_copy = vk_state_copy,
-    .decode_state = vk_decode_state,
+    .mem_new = vk_mem_new, .mem_free = vk_mem_free, .mem_copy = vk_mem_copy,
+    .decode_state = vk_decode_state, .open_external = vk_open_external, .mem_wrap = vk_mem_wrap,
+    .mem_handle = vk_mem_handle,
 };

@@ -64,11 +64,11 @@ ALGOS = {"auto": 0, "recurrent": 1, "chunk": 2}
 
 
 class _In(ctypes.Structure):
-    _fields_ = [("data", ctypes.c_void_p), ("dtype", ctypes.c_int), ("numel", ctypes.c_int64)]
+    _fields_ = [("data", ctypes.c_void_p), ("dtype", ctypes.c_int), ("numel", ctypes.c_int64), ("buffer", ctypes.c_void_p)]
 
 
 class _Out(ctypes.Structure):
-    _fields_ = [("data", ctypes.c_void_p), ("dtype", ctypes.c_int), ("numel", ctypes.c_int64)]
+    _fields_ = [("data", ctypes.c_void_p), ("dtype", ctypes.c_int), ("numel", ctypes.c_int64), ("buffer", ctypes.c_void_p)]
 
 
 class _Shape(ctypes.Structure):

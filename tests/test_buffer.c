@@ -1,0 +1,352 @@
+/*
+ * test_buffer.c: KlaBuffer (tensors kept where the backend computes) on every usable
+ * backend. TAP.
+ *
+ * The same kernels run whether a tensor is in host memory or in a buffer, so on each
+ * backend a call on buffers must give bit for bit what the call on host tensors gives:
+ * forward (both algorithms), backward, a decode loop whose state never leaves the
+ * backend, and a mix of host tensors and buffers. A forward split in two, the first
+ * half's ht buffer passed as the second half's h0, equals the forward in one piece (the
+ * recurrent algorithm, whose state between tokens is the float32 state either way).
+ * Misuse fails with a message naming the tensor: data and buffer both set, a wrong size,
+ * a buffer of another context, an output that is also an input, cu_seqlens or a VK-layout
+ * state in device memory, a dtype the backend does not keep.
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kla.h"
+
+int kla__vulkan_messages(void) __attribute__((weak)); /* vulkan/vk_device.c, when built */
+
+static int n_test, n_fail;
+static void ok(int cond, const char *be, const char *what, const char *detail)
+{
+    n_test++;
+    if (!cond) n_fail++;
+    printf("%sok %d - %s: %s\n", cond ? "" : "not ", n_test, be, what);
+    if (!cond && detail && *detail) printf("# %s\n", detail);
+    fflush(stdout);
+}
+
+static uint64_t rs = 20261204;
+static float *frand(size_t n, double lo, double hi)
+{
+    float *x = malloc(n * sizeof *x);
+    for (size_t i = 0; i < n; i++) {
+        rs ^= rs << 13, rs ^= rs >> 7, rs ^= rs << 17;
+        x[i] = (float)(lo + (hi - lo) * (double)(rs >> 11) / 9007199254740992.0);
+    }
+    return x;
+}
+
+enum { B = 2, T = 40, H = 2, HV = 4, K = 16, V = 8 };
+#define NQ ((size_t)B * T * H * K)
+#define NV ((size_t)B * T * HV * V)
+#define NS ((size_t)B * T * HV)
+#define NST ((size_t)B * HV * K * V)
+
+/* the tensors of a call: inputs, then outputs (index names below) */
+enum { Q, KK, VV, G, ETA, H0, DO, DHT, O, HT, DQ, DK, DV, DG, DETA, DH0, NT };
+static const size_t sizes[NT] = { NQ, NQ, NV, NS, NS, NST, NV, NST, NV, NST, NQ, NQ, NV, NS, NS, NST };
+
+typedef struct data {
+    float *x[NT];
+} data;
+
+static void make_inputs(data *d)
+{
+    d->x[Q] = frand(NQ, -1, 1), d->x[KK] = frand(NQ, -1, 1), d->x[VV] = frand(NV, -1, 1);
+    d->x[G] = frand(NS, -0.3, -0.01), d->x[ETA] = frand(NS, 0.2, 0.9), d->x[H0] = frand(NST, -0.5, 0.5);
+    d->x[DO] = frand(NV, -1, 1), d->x[DHT] = frand(NST, -1, 1);
+    for (int i = O; i < NT; i++) d->x[i] = calloc(sizes[i], sizeof(float));
+}
+
+/* KlaTensors over host arrays (h) or buffers (b), tensor i from buffers when mask has bit i */
+static KlaTensors tensors(float *const *h, KlaBuffer *const *b, unsigned mask, int backward)
+{
+    KlaIn in[DO + 2];
+    KlaOut out[NT - O];
+    for (int i = 0; i < NT; i++) {
+        const int buf = (mask >> i) & 1;
+        if (i < O) in[i] = buf ? KLA_BUF_IN(b[i]) : KLA_F32_IN(h[i], sizes[i]);
+        else out[i - O] = buf ? KLA_BUF_OUT(b[i]) : KLA_F32_OUT(h[i], sizes[i]);
+    }
+    KlaTensors t = { .q = in[Q], .k = in[KK], .v = in[VV], .g = in[G], .eta = in[ETA], .h0 = in[H0],
+                     .o = out[O - O], .ht = out[HT - O] };
+    if (backward) {
+        t.dout = in[DO], t.dht = in[DHT], t.dq = out[DQ - O], t.dk = out[DK - O], t.dv = out[DV - O];
+        t.dg = out[DG - O], t.deta = out[DETA - O], t.dh0 = out[DH0 - O];
+    }
+    return t;
+}
+
+static int same(const float *a, const float *b, size_t n) { return !memcmp(a, b, n * sizeof *a); }
+
+/* max |a - b| <= tol max |b| */
+static int near(const float *a, const float *b, size_t n, double tol)
+{
+    double e = 0, m = 0;
+    for (size_t i = 0; i < n; i++) e = fmax(e, fabs((double)a[i] - b[i])), m = fmax(m, fabs((double)b[i]));
+    return e <= tol * m;
+}
+
+static void run_backend(const char *be)
+{
+    KlaParams p;
+    kla_default_params(&p);
+    p.backend = be;
+    KlaContext *ctx = NULL, *other = NULL;
+    if (kla_open(&ctx, &p) < 0) {
+        printf("# %s: not usable here (%s)\n", be, kla_error_detail(NULL));
+        return;
+    }
+    kla_open(&other, &p);
+    const int dev = !strcmp(be, "vulkan");
+    /* ref64 computes in float64: its buffers on the host may hold any dtype; F32 here */
+    const KlaShape s = { .B = B, .T = T, .H = H, .HV = HV, .K = K, .V = V };
+    KlaOptions opt;
+    kla_default_options(&opt);
+    char msg[600];
+    data host, viab;
+    make_inputs(&host);
+    for (int i = 0; i < NT; i++) {
+        viab.x[i] = malloc(sizes[i] * sizeof(float));
+        memcpy(viab.x[i], host.x[i], sizes[i] * sizeof(float));
+    }
+    KlaBuffer *b[NT] = { 0 };
+    int r = 0;
+    for (int i = 0; i < NT && !r; i++) r = kla_buffer_new(ctx, KLA_F32, (int64_t)sizes[i], &b[i]);
+    for (int i = 0; i < O && !r; i++) r = kla_buffer_write(b[i], KLA_F32_IN(host.x[i], sizes[i]));
+    snprintf(msg, sizeof msg, "%s", r ? kla_error_detail(ctx) : "");
+    ok(!r, be, "buffers made and written", msg);
+    if (r) goto done;
+    const unsigned all = (1u << NT) - 1;
+
+    /* forward, both algorithms; backward */
+    for (int algo = KLA_ALGO_RECURRENT; algo <= KLA_ALGO_CHUNK; algo++) {
+        opt.algo = (KlaAlgo)algo;
+        KlaTensors th = tensors(host.x, b, 0, 0), tb = tensors(host.x, b, all, 0);
+        int r1 = kla_forward(ctx, &s, &opt, &th), r2 = kla_forward(ctx, &s, &opt, &tb);
+        int r3 = kla_buffer_read(b[O], KLA_F32_OUT(viab.x[O], NV)) | kla_buffer_read(b[HT], KLA_F32_OUT(viab.x[HT], NST));
+        char what[96];
+        snprintf(what, sizeof what, "forward (%s) on buffers equals it on host tensors, bit for bit",
+                 algo == KLA_ALGO_CHUNK ? "chunk" : "recurrent");
+        snprintf(msg, sizeof msg, "rc %d %d %d %s", r1, r2, r3, kla_error_detail(ctx));
+        ok(!r1 && !r2 && !r3 && same(host.x[O], viab.x[O], NV) && same(host.x[HT], viab.x[HT], NST), be, what, msg);
+    }
+    opt.algo = KLA_ALGO_AUTO;
+    {
+        KlaTensors th = tensors(host.x, b, 0, 1), tb = tensors(host.x, b, all, 1);
+        int r1 = kla_backward(ctx, &s, &opt, &th), r2 = kla_backward(ctx, &s, &opt, &tb), r3 = 0, eq = 1;
+        for (int i = O; i < NT; i++) {
+            r3 |= kla_buffer_read(b[i], KLA_F32_OUT(viab.x[i], sizes[i]));
+            eq &= same(host.x[i], viab.x[i], sizes[i]);
+        }
+        snprintf(msg, sizeof msg, "rc %d %d %d %s", r1, r2, r3, kla_error_detail(ctx));
+        ok(!r1 && !r2 && !r3 && eq, be, "backward on buffers equals it on host tensors, bit for bit", msg);
+        /* a mix: q, v, dout from the host, the rest buffers */
+        const unsigned mix = all & ~((1u << Q) | (1u << VV) | (1u << DO) | (1u << DK));
+        KlaTensors tm = tensors(host.x, b, mix, 1);
+        memset(viab.x[DK], 0, NQ * sizeof(float));
+        tm.dk = KLA_F32_OUT(viab.x[DK], NQ);
+        r2 = kla_backward(ctx, &s, &opt, &tm);
+        r3 = kla_buffer_read(b[DQ], KLA_F32_OUT(viab.x[DQ], NQ));
+        snprintf(msg, sizeof msg, "rc %d %d %s", r2, r3, kla_error_detail(ctx));
+        ok(!r2 && !r3 && same(host.x[DK], viab.x[DK], NQ) && same(host.x[DQ], viab.x[DQ], NQ), be,
+           "backward with host tensors and buffers mixed equals it on host tensors", msg);
+    }
+
+    /* a forward in two halves chained through a buffer: ht of the first is h0 of the second */
+    {
+        opt.algo = KLA_ALGO_RECURRENT;
+        const KlaShape s1 = { .B = 1, .T = T, .H = H, .HV = HV, .K = K, .V = V };
+        const KlaShape sh = { .B = 1, .T = T / 2, .H = H, .HV = HV, .K = K, .V = V };
+        const size_t q1 = (size_t)T * H * K, v1 = (size_t)T * HV * V, g1 = (size_t)T * HV, st1 = (size_t)HV * K * V;
+        float *o1 = calloc(v1, 4), *ht1 = calloc(st1, 4), *o2 = calloc(v1, 4), *ht2 = calloc(st1, 4);
+        KlaTensors tw = { .q = KLA_F32_IN(host.x[Q], q1), .k = KLA_F32_IN(host.x[KK], q1), .v = KLA_F32_IN(host.x[VV], v1),
+                          .g = KLA_F32_IN(host.x[G], g1), .eta = KLA_F32_IN(host.x[ETA], g1),
+                          .o = KLA_F32_OUT(o1, v1), .ht = KLA_F32_OUT(ht1, st1) };
+        int r1 = kla_forward(ctx, &s1, &opt, &tw);
+        KlaBuffer *st = NULL, *st2 = NULL;
+        int r2 = kla_buffer_new(ctx, KLA_F32, (int64_t)st1, &st) | kla_buffer_new(ctx, KLA_F32, (int64_t)st1, &st2);
+        for (int half = 0; half < 2 && !r2; half++) {
+            const size_t oq = half * q1 / 2, ov = half * v1 / 2, og = half * g1 / 2;
+            KlaTensors th = { .q = KLA_F32_IN(host.x[Q] + oq, q1 / 2), .k = KLA_F32_IN(host.x[KK] + oq, q1 / 2),
+                              .v = KLA_F32_IN(host.x[VV] + ov, v1 / 2), .g = KLA_F32_IN(host.x[G] + og, g1 / 2),
+                              .eta = KLA_F32_IN(host.x[ETA] + og, g1 / 2), .o = KLA_F32_OUT(o2 + ov, v1 / 2),
+                              .ht = KLA_BUF_OUT(half ? st2 : st) };
+            if (half) th.h0 = KLA_BUF_IN(st);
+            r2 = kla_forward(ctx, &sh, &opt, &th);
+        }
+        if (!r2) r2 = kla_buffer_read(st2, KLA_F32_OUT(ht2, st1));
+        snprintf(msg, sizeof msg, "rc %d %d %s", r1, r2, kla_error_detail(ctx));
+        /* bit for bit where the backend's state between tokens is the float32 it stores
+         * (ref, vulkan); ref64 rounds its float64 state into the F32 buffer, simd may
+         * block tokens differently for another T */
+        ok(!r1 && !r2 && near(o1, o2, v1, 1e-6) && near(ht1, ht2, st1, 1e-6) &&
+               ((strcmp(be, "ref") && !dev) || (same(o1, o2, v1) && same(ht1, ht2, st1))),
+           be, "a forward in two halves chained by an ht buffer as h0 equals one forward", msg);
+        kla_buffer_free(&st), kla_buffer_free(&st2);
+        free(o1), free(ht1), free(o2), free(ht2);
+        opt.algo = KLA_ALGO_AUTO;
+    }
+
+    /* a decode loop: the state stays in a buffer; each token's tensors are buffers too */
+    {
+        const KlaShape sd = { .B = B, .T = 1, .H = H, .HV = HV, .K = K, .V = V };
+        const size_t dq = (size_t)B * H * K, dv = (size_t)B * HV * V, dg = (size_t)B * HV;
+        float *sth = malloc(NST * 4), *stb = malloc(NST * 4), *oh = calloc(dv, 4), *ob = calloc(dv, 4);
+        memcpy(sth, host.x[H0], NST * 4);
+        KlaBuffer *bst = NULL, *bq = NULL, *bk = NULL, *bv = NULL, *bg = NULL, *be_ = NULL, *bo = NULL;
+        int r1 = 0, r2 = kla_buffer_new(ctx, KLA_F32, (int64_t)NST, &bst) | kla_buffer_new(ctx, KLA_F32, (int64_t)dq, &bq) |
+                         kla_buffer_new(ctx, KLA_F32, (int64_t)dq, &bk) | kla_buffer_new(ctx, KLA_F32, (int64_t)dv, &bv) |
+                         kla_buffer_new(ctx, KLA_F32, (int64_t)dg, &bg) | kla_buffer_new(ctx, KLA_F32, (int64_t)dg, &be_) |
+                         kla_buffer_new(ctx, KLA_F32, (int64_t)dv, &bo);
+        if (!r2) r2 = kla_buffer_write(bst, KLA_F32_IN(host.x[H0], NST));
+        int eq = 1;
+        for (int step = 0; step < 4 && !r1 && !r2; step++) {
+            /* token `step` of every sequence: rows are [B, T] so sequence n's token is row n*T + step */
+            float *q = malloc(dq * 4), *k = malloc(dq * 4), *v = malloc(dv * 4), *g = malloc(dg * 4), *e = malloc(dg * 4);
+            for (int n = 0; n < B; n++) {
+                const size_t row = (size_t)n * T + step;
+                memcpy(q + n * H * K, host.x[Q] + row * H * K, H * K * 4);
+                memcpy(k + n * H * K, host.x[KK] + row * H * K, H * K * 4);
+                memcpy(v + n * HV * V, host.x[VV] + row * HV * V, HV * V * 4);
+                memcpy(g + n * HV, host.x[G] + row * HV, HV * 4);
+                memcpy(e + n * HV, host.x[ETA] + row * HV, HV * 4);
+            }
+            KlaTensors th = { .q = KLA_F32_IN(q, dq), .k = KLA_F32_IN(k, dq), .v = KLA_F32_IN(v, dv),
+                              .g = KLA_F32_IN(g, dg), .eta = KLA_F32_IN(e, dg), .o = KLA_F32_OUT(oh, dv),
+                              .state = KLA_F32_OUT(sth, NST) };
+            r1 = kla_decode(ctx, &sd, &opt, &th);
+            r2 = kla_buffer_write(bq, KLA_F32_IN(q, dq)) | kla_buffer_write(bk, KLA_F32_IN(k, dq)) |
+                 kla_buffer_write(bv, KLA_F32_IN(v, dv)) | kla_buffer_write(bg, KLA_F32_IN(g, dg)) |
+                 kla_buffer_write(be_, KLA_F32_IN(e, dg));
+            KlaTensors tb = { .q = KLA_BUF_IN(bq), .k = KLA_BUF_IN(bk), .v = KLA_BUF_IN(bv), .g = KLA_BUF_IN(bg),
+                              .eta = KLA_BUF_IN(be_), .o = KLA_BUF_OUT(bo), .state = KLA_BUF_OUT(bst) };
+            if (!r2) r2 = kla_decode(ctx, &sd, &opt, &tb);
+            if (!r2) r2 = kla_buffer_read(bo, KLA_F32_OUT(ob, dv));
+            eq &= same(oh, ob, dv);
+            free(q), free(k), free(v), free(g), free(e);
+        }
+        if (!r2) r2 = kla_buffer_read(bst, KLA_F32_OUT(stb, NST));
+        snprintf(msg, sizeof msg, "rc %d %d %s", r1, r2, kla_error_detail(ctx));
+        ok(!r1 && !r2 && eq && same(sth, stb, NST), be,
+           "4 decode steps with the state in a buffer equal them with a host state, bit for bit", msg);
+        KlaBuffer **all_b[] = { &bst, &bq, &bk, &bv, &bg, &be_, &bo };
+        for (size_t i = 0; i < sizeof all_b / sizeof all_b[0]; i++) kla_buffer_free(all_b[i]);
+        free(sth), free(stb), free(oh), free(ob);
+    }
+
+    /* misuse */
+    {
+        KlaTensors t = tensors(host.x, b, all, 0);
+        t.k.data = host.x[KK];
+        r = kla_forward(ctx, &s, &opt, &t);
+        ok(r == KLA_EINVAL && strstr(kla_error_detail(ctx), "tensor k: both data and buffer"), be,
+           "data and buffer both set: refused, naming the tensor", kla_error_detail(ctx));
+        KlaBuffer *small = NULL;
+        kla_buffer_new(ctx, KLA_F32, (int64_t)NQ - 1, &small);
+        t = tensors(host.x, b, all, 0);
+        t.k = KLA_BUF_IN(small);
+        r = kla_forward(ctx, &s, &opt, &t);
+        ok(r == KLA_EINVAL && strstr(kla_error_detail(ctx), "tensor k:") && strstr(kla_error_detail(ctx), "expected"),
+           be, "a buffer of the wrong size: refused, naming the tensor and the shape", kla_error_detail(ctx));
+        kla_buffer_free(&small);
+        KlaBuffer *foreign = NULL;
+        if (other && kla_buffer_new(other, KLA_F32, (int64_t)NQ, &foreign) == 0) {
+            t = tensors(host.x, b, all, 0);
+            t.q = KLA_BUF_IN(foreign);
+            r = kla_forward(ctx, &s, &opt, &t);
+            ok(r == KLA_EINVAL && strstr(kla_error_detail(ctx), "tensor q: a KlaBuffer of another context"), be,
+               "a buffer of another context: refused", kla_error_detail(ctx));
+            kla_buffer_free(&foreign);
+        }
+        float *before = malloc(NV * 4), *after = malloc(NV * 4);
+        kla_buffer_read(b[VV], KLA_F32_OUT(before, NV));
+        t = tensors(host.x, b, all, 0);
+        t.o = KLA_BUF_OUT(b[VV]);
+        r = kla_forward(ctx, &s, &opt, &t);
+        snprintf(msg, sizeof msg, "%s", kla_error_detail(ctx));
+        kla_buffer_read(b[VV], KLA_F32_OUT(after, NV));
+        ok(r == KLA_EINVAL && strstr(msg, "tensor o: its memory overlaps input v") && same(before, after, NV), be,
+           "an output buffer that is also an input: refused, the buffer unchanged", msg);
+        free(before), free(after);
+        KlaBuffer *bad = NULL;
+        r = kla_buffer_new(ctx, KLA_F32, 0, &bad);
+        ok(r == KLA_EINVAL && !bad && strstr(kla_error_detail(ctx), "numel = 0"), be, "a buffer of 0 elements: refused",
+           kla_error_detail(ctx));
+        r = kla_buffer_write(b[Q], KLA_F32_IN(host.x[Q], NQ - 1));
+        ok(r == KLA_EINVAL && strstr(kla_error_detail(ctx), "src holds"), be, "a write of the wrong size: refused",
+           kla_error_detail(ctx));
+        /* dtypes: converted on write and read */
+        double *d64 = malloc(NQ * 8);
+        r = kla_buffer_read(b[Q], KLA_F64_OUT(d64, NQ));
+        int eqd = !r;
+        for (size_t i = 0; i < NQ && eqd; i++) eqd = d64[i] == (double)host.x[Q][i];
+        ok(eqd, be, "a buffer reads into F64, exactly", kla_error_detail(ctx));
+        free(d64);
+        if (dev) {
+            r = kla_buffer_new(ctx, KLA_F64, 16, &bad);
+            ok(r == KLA_EINVAL && strstr(kla_error_detail(ctx), "keeps KLA_F32 buffers"), be,
+               "an F64 buffer on vulkan: refused, naming the dtype it keeps", kla_error_detail(ctx));
+            KlaBuffer *cu = NULL;
+            kla_buffer_new(ctx, KLA_F32, 2, &cu);
+            const KlaShape s1 = { .B = 1, .T = T, .H = H, .HV = HV, .K = K, .V = V, .N = 1 };
+            t = tensors(host.x, b, 0, 0);
+            t.q.numel = t.k.numel = (int64_t)NQ / 2, t.v.numel = t.o.numel = (int64_t)NV / 2;
+            t.g.numel = t.eta.numel = (int64_t)NS / 2, t.h0 = (KlaIn){ 0 }, t.ht = (KlaOut){ 0 };
+            t.cu_seqlens = KLA_BUF_IN(cu);
+            r = kla_forward(ctx, &s1, &opt, &t);
+            ok(r == KLA_EINVAL && strstr(kla_error_detail(ctx), "tensor cu_seqlens: must be in host memory"), be,
+               "cu_seqlens in a device buffer: refused", kla_error_detail(ctx));
+            kla_buffer_free(&cu);
+            t = tensors(host.x, b, all, 0);
+            opt.state_layout = KLA_LAYOUT_VK;
+            r = kla_forward(ctx, &s, &opt, &t);
+            opt.state_layout = KLA_LAYOUT_KV;
+            ok(r == KLA_EINVAL && strstr(kla_error_detail(ctx), "tensor h0: a device buffer holds states in the KV"), be,
+               "a state buffer with state_layout VK: refused", kla_error_detail(ctx));
+            uint64_t vb = 0, off = 1;
+            ok(kla_buffer_vulkan_handle(b[Q], &vb, &off) == 0 && vb && off == 0, be,
+               "kla_buffer_vulkan_handle gives the VkBuffer behind a buffer", "");
+        } else {
+            /* host-backed buffers are host tensors: value checks apply, any dtype is kept */
+            float nan1 = host.x[Q][3];
+            float *qn = malloc(NQ * 4);
+            memcpy(qn, host.x[Q], NQ * 4);
+            qn[3] = NAN;
+            kla_buffer_write(b[Q], KLA_F32_IN(qn, NQ));
+            t = tensors(host.x, b, all, 0);
+            r = kla_forward(ctx, &s, &opt, &t);
+            ok(r < 0 && strstr(kla_error_detail(ctx), "tensor q:") && strstr(kla_error_detail(ctx), "NaN"), be,
+               "a NaN in a host-backed buffer: refused as for a host tensor", kla_error_detail(ctx));
+            qn[3] = nan1;
+            kla_buffer_write(b[Q], KLA_F32_IN(qn, NQ));
+            free(qn);
+            KlaBuffer *b16 = NULL;
+            r = kla_buffer_new(ctx, KLA_BF16, 16, &b16);
+            ok(!r && kla_buffer_dtype(b16) == KLA_BF16 && kla_buffer_numel(b16) == 16, be,
+               "a CPU backend keeps a BF16 buffer", kla_error_detail(ctx));
+            kla_buffer_free(&b16);
+            uint64_t vb, off;
+            ok(kla_buffer_vulkan_handle(b[Q], &vb, &off) == KLA_EINVAL, be,
+               "kla_buffer_vulkan_handle on a CPU backend: KLA_EINVAL", "");
+        }
+    }
+done:
+    for (int i = 0; i < NT; i++) kla_buffer_free(&b[i]), free(host.x[i]), free(viab.x[i]);
+    kla_close(&other);
+    kla_close(&ctx);
+}
+
+int main(void)
+{
+    for (const char *const *be = kla_backend_list(); *be; be++) run_backend(*be);
+    if (kla__vulkan_messages) ok(kla__vulkan_messages() == 0, "vulkan", "no validation-layer messages", "");
+    printf("1..%d\n# %d passed, %d failed\n", n_test, n_test - n_fail, n_fail);
+    return n_fail != 0;
+}
