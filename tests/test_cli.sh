@@ -841,13 +841,15 @@ cat >benchj.py <<'EOF'
 import json, math, sys
 d = json.load(open(sys.argv[1]))
 if sys.argv[2] == "gpu":
-    want = {"forward chunk": ["prep", "chunk_prep", "chunk_state", "chunk_out"],
-            "forward recurrent": ["prep", "rec_fwd"],
-            "forward+backward chunk": ["prep", "chunk_prep", "chunk_state", "chunk_out",
-                                       "chunk_dstate", "chunk_bwdv", "chunk_bwd", "bwd_post"],
-            "decode, 1 sequence": ["prep", "rec_fwd"], "decode, 3 sequences": ["prep", "rec_fwd"],
-            "decode, 1 sequence, KlaState": ["prep", "rec_fwd"],
-            "decode, 3 sequences, KlaState": ["prep", "rec_fwd"]}
+    want = {}
+    for w in ("host", "resident"):  # tensors copied by each call; KlaBuffers
+        want["forward chunk, " + w] = ["prep", "chunk_prep", "chunk_state", "chunk_out"]
+        want["forward recurrent, " + w] = ["prep", "rec_fwd"]
+        want["forward+backward chunk, " + w] = ["prep", "chunk_prep", "chunk_state", "chunk_out",
+                                                "chunk_dstate", "chunk_bwdv", "chunk_bwd", "bwd_post"]
+    for n in ("1 sequence", "3 sequences"):
+        for w in ("host", "KlaState", "resident"):
+            want["decode, %s, %s" % (n, w)] = ["prep", "rec_fwd"]
     rows = {r["op"]: r for r in d["rows"]}
     assert sorted(rows) == sorted(want), sorted(rows)
     assert d["passes"] == int(sys.argv[3]), d["passes"]
@@ -857,7 +859,7 @@ if sys.argv[2] == "gpu":
         each = r["gpu_ms_each"]  # every timed call (decode: 4 reps + 1)
         assert len(each) == (1 if not op.startswith("decode") else 5), (op, each)
         assert min(each) == r["gpu_ms_min"], r
-        assert r["call_ms_median"] > 0, r
+        assert r["call_ms_median"] > 0 and r["call_over_gpu"] > 0, r
         split = r["dispatch_ms_mean"]
         assert [k.split(" ", 1)[1] for k in split] == names, (op, list(split))
         assert all(v >= 0 for v in split.values()), r
@@ -871,8 +873,8 @@ if "$KLA" info | grep -Eq '^ +simd +built, usable'; then
         "'$KLA' bench --backend simd $SMALL --ref-T 16 >b.json && '$PY' benchj.py b.json cpu"
 fi
 if "$KLA" info | grep -Eq '^ +vulkan +built, usable'; then
-    check "bench --backend vulkan: GPU time of every dispatch, by name, 12 passes" sh -c \
-        "'$KLA' bench --backend vulkan $SMALL >b.json && '$PY' benchj.py b.json gpu 12"
+    check "bench --backend vulkan: GPU and call time of every dispatch, host and resident, 1 pass" sh -c \
+        "'$KLA' bench --backend vulkan $SMALL >b.json && '$PY' benchj.py b.json gpu 1"
     check "bench --backend vulkan: KLA_VULKAN_PASSES=02 is kept" sh -c \
         "KLA_VULKAN_PASSES=02 '$KLA' bench --backend vulkan $SMALL >b.json && '$PY' benchj.py b.json gpu 2"
     bad "bench: KLA_VULKAN_PASSES=0 is refused" 'KLA_VULKAN_PASSES=0: expected an integer in \[1, 16\]' \

@@ -11,13 +11,12 @@
  *   - thread scaling: the forward with 1 thread against --threads.
  * With a GPU backend (vulkan) it prints instead, for forward chunk and recurrent,
  * forward+backward and decode, the GPU time of the dispatches (kla_gpu_time; median and
- * minimum) beside the wall time of the whole API call (host transfers included), and
- * each dispatch's mean GPU time. The GPU idles while the host copies a call's tensors,
- * and the driver lowers its clock (an H100 was seen at 345 to 1980 MHz from one call to
- * the next), so forward and backward are timed on the last of KLA_VULKAN_PASSES
- * back-to-back passes of their dispatches: 12 unless set (on the H100, fewer left calls
- * up to 4.6 times slower at random; 1 times a call as a lone user call runs), the GPU
- * kept busy as a training loop keeps it.
+ * minimum) beside the wall time of the whole API call, and each dispatch's mean GPU
+ * time, twice: with the tensors in host memory (the call copies them through the host)
+ * and resident (every tensor a KlaBuffer, written once; the calls back to back, as a
+ * program keeping its tensors on the GPU makes them, so the GPU stays busy and at its
+ * clock). call/GPU is the whole call's wall time over its GPU time. KLA_VULKAN_PASSES=n
+ * (default 1) records a call's dispatches n times and times the last.
  *
  * kla bench [--backend B] [--T n] [--B n] [--H n] [--K n] [--V n] [--N n] [--threads n]
  *           [--algo auto|recurrent|chunk] [--chunk C] [--reps n] [--cpu MASK] [--ref-T n]
@@ -314,9 +313,35 @@ typedef struct gfig {
     int nsplit, ok;
 } gfig;
 
+/* Every tensor of t as a KlaBuffer holding its host contents (outputs too: the decode
+ * state is read); bufs[] receives them for freeing. */
+static int to_buffers(KlaContext *ctx, KlaTensors *t, KlaBuffer **bufs, int *nb)
+{
+    KlaIn *in[] = { &t->q, &t->k, &t->v, &t->g, &t->eta, &t->beta, &t->h0, &t->dout, &t->dht };
+    KlaOut *out[] = { &t->o, &t->ht, &t->dq, &t->dk, &t->dv, &t->dg, &t->deta, &t->dbeta, &t->dh0, &t->state };
+    *nb = 0;
+    for (size_t i = 0; i < sizeof in / sizeof in[0] + sizeof out / sizeof out[0]; i++) {
+        const int isin = i < sizeof in / sizeof in[0];
+        KlaIn x = isin ? *in[i] : KLA_IN(out[i - sizeof in / sizeof in[0]]->data, KLA_F32,
+                                         out[i - sizeof in / sizeof in[0]]->numel);
+        if (!x.data) continue;
+        KlaBuffer *b = NULL;
+        if (kla_buffer_new(ctx, KLA_F32, x.numel, &b) < 0 || kla_buffer_write(b, x) < 0) {
+            kla_buffer_free(&b);
+            return -1;
+        }
+        bufs[(*nb)++] = b;
+        if (isin) *in[i] = KLA_BUF_IN(b);
+        else *out[i - sizeof in / sizeof in[0]] = KLA_BUF_OUT(b);
+    }
+    return 0;
+}
+
 /* op: 0 forward, 1 backward, 2 decode (P->s has T = 1), 3 decode with the state in a
- * KlaState (kept on the GPU); reps timed calls after a warm-up */
-static gfig gpu_time_op(KlaContext *ctx, prob *P, int op, int algo, long chunk, long reps, float *state)
+ * KlaState (kept on the GPU); reps timed calls after a warm-up; resident: every tensor
+ * a KlaBuffer */
+static gfig gpu_time_op(KlaContext *ctx, prob *P, int op, int algo, long chunk, long reps, float *state,
+                        int resident)
 {
     gfig f = { 0 };
     KlaOptions o = options(algo, chunk);
@@ -328,6 +353,13 @@ static gfig gpu_time_op(KlaContext *ctx, prob *P, int op, int algo, long chunk, 
         t.g.numel = t.eta.numel = P->s.B * P->s.HV;
     }
     if (op == 2) t.state = KLA_F32_OUT(state, nst);
+    KlaBuffer *bufs[24];
+    int nb = 0;
+    if (resident && to_buffers(ctx, &t, bufs, &nb) < 0) {
+        fprintf(stderr, "kla bench: %s\n", kla_error_detail(ctx));
+        for (int i = 0; i < nb; i++) kla_buffer_free(&bufs[i]);
+        return f;
+    }
     KlaState *kst = NULL;
     if (op == 3 && (kla_state_new(ctx, P->s.B, P->s.HV, P->s.K, P->s.V, &kst) < 0 ||
                     kla_state_write(kst, KLA_F32_IN(state, nst), KLA_LAYOUT_KV) < 0)) {
@@ -346,6 +378,7 @@ static gfig gpu_time_op(KlaContext *ctx, prob *P, int op, int algo, long chunk, 
         if (e < 0) {
             fprintf(stderr, "kla bench: %s\n", kla_error_detail(ctx));
             kla_state_free(&kst);
+            for (int i = 0; i < nb; i++) kla_buffer_free(&bufs[i]);
             return f;
         }
         if (r < 0) continue;
@@ -355,6 +388,7 @@ static gfig gpu_time_op(KlaContext *ctx, prob *P, int op, int algo, long chunk, 
         if (n < 1) {
             fprintf(stderr, "kla bench: backend %s reports no GPU time\n", kla_backend_name(ctx));
             kla_state_free(&kst);
+            for (int i = 0; i < nb; i++) kla_buffer_free(&bufs[i]);
             return f;
         }
         wall[r] = dt * 1e3, gpu[r] = f.each[r] = ms[0];
@@ -362,6 +396,7 @@ static gfig gpu_time_op(KlaContext *ctx, prob *P, int op, int algo, long chunk, 
         for (int i = 1; i < n; i++) f.split[i - 1] += ms[i] / (double)reps, f.name[i - 1] = nm[i];
     }
     kla_state_free(&kst);
+    for (int i = 0; i < nb; i++) kla_buffer_free(&bufs[i]);
     qsort(wall, (size_t)reps, sizeof *wall, cmpd);
     qsort(gpu, (size_t)reps, sizeof *gpu, cmpd);
     f.gpu_med = gpu[reps / 2], f.gpu_min = gpu[0], f.wall_med = wall[reps / 2], f.n = reps, f.ok = 1;
@@ -374,6 +409,7 @@ static int gpu_row(const char *what, const gfig *f, int json, int *first)
         printf("%s\n  {\"op\": \"%s\"", *first ? "" : ",", what);
         jnum("gpu_ms_median", f->ok ? f->gpu_med : NAN), jnum("gpu_ms_min", f->ok ? f->gpu_min : NAN);
         jnum("call_ms_median", f->ok ? f->wall_med : NAN);
+        jnum("call_over_gpu", f->ok ? f->wall_med / f->gpu_med : NAN);
         printf(", \"gpu_ms_each\": [");
         for (long i = 0; f->ok && i < f->n; i++) printf("%s%.6g", i ? ", " : "", f->each[i]);
         printf("]");
@@ -388,7 +424,7 @@ static int gpu_row(const char *what, const gfig *f, int json, int *first)
         printf("  %-30s failed\n", what);
         return 1;
     }
-    printf("  %-30s %9.3f %9.3f %10.3f   ", what, f->gpu_med, f->gpu_min, f->wall_med);
+    printf("  %-38s %9.3f %9.3f %10.3f %8.2f   ", what, f->gpu_med, f->gpu_min, f->wall_med, f->wall_med / f->gpu_med);
     for (int i = 0; i < f->nsplit; i++)
         printf("%s%s %.3f", i ? " + " : "", f->name[i] ? f->name[i] : "?", f->split[i]);
     printf("\n");
@@ -407,28 +443,37 @@ static int bench_gpu(KlaContext *ctx, const bopt *b, int do_fwd, int do_bwd, int
         printf("{\"backend\": \"%s\", \"B\": %ld, \"T\": %ld, \"H\": %ld, \"K\": %ld, \"V\": %ld, "
                "\"N\": %ld, \"chunk\": %ld, \"reps\": %ld, \"passes\": %d, \"rows\": [",
                kla_backend_name(ctx), b->B, b->T, b->H, b->K, b->V, b->N, b->chunk, b->reps, passes);
-    else
+    else {
+        char desc[200];
         printf("kla bench: backend %s (GPU), B=%ld T=%ld H=%ld K=%ld V=%ld, chunk %ld, %ld timed calls each\n"
-               "  GPU ms: the last of %d back-to-back passes of a call's dispatches (KLA_VULKAN_PASSES;\n"
-               "  decode: 1), call ms: the whole call, host copies and all passes included\n"
-               "  %-30s %9s %9s %10s   %s\n",
-               kla_backend_name(ctx), b->B, b->T, b->H, b->K, b->V, b->chunk, b->reps, passes, "operation",
-               "GPU ms", "(min)", "call ms", "GPU ms per dispatch (mean)");
+               "  %s\n"
+               "  GPU ms: a call's dispatches%s; call ms: the whole call (wall), median; host: tensors\n"
+               "  in host memory, copied by each call; resident: KlaBuffers, calls back to back\n"
+               "  %-38s %9s %9s %10s %8s   %s\n",
+               kla_backend_name(ctx), b->B, b->T, b->H, b->K, b->V, b->chunk, b->reps,
+               kla_describe(ctx, desc, sizeof desc), passes > 1 ? " (the last of KLA_VULKAN_PASSES passes)" : "",
+               "operation", "GPU ms", "(min)", "call ms", "call/GPU", "GPU ms per dispatch (mean)");
+    }
     prob P;
     if (do_fwd || do_bwd) prob_make(&P, b->B, b->T, b->H, b->K, b->V, do_bwd);
-    if (do_fwd) {
-        progress("forward chunk");
-        gfig f = gpu_time_op(ctx, &P, 0, KLA_ALGO_CHUNK, b->chunk, b->reps, NULL);
-        fails += gpu_row("forward chunk", &f, b->json, &first);
-        progress("forward recurrent");
-        f = gpu_time_op(ctx, &P, 0, KLA_ALGO_RECURRENT, b->chunk, b->reps, NULL);
-        fails += gpu_row("forward recurrent", &f, b->json, &first);
+    static const char *const where[2] = { "host", "resident" };
+    char w[96];
+    for (int res = 0; res < 2 && do_fwd; res++) {
+        progress("forward chunk, %s", where[res]);
+        gfig f = gpu_time_op(ctx, &P, 0, KLA_ALGO_CHUNK, b->chunk, b->reps, NULL, res);
+        snprintf(w, sizeof w, "forward chunk, %s", where[res]);
+        fails += gpu_row(w, &f, b->json, &first);
+        progress("forward recurrent, %s", where[res]);
+        f = gpu_time_op(ctx, &P, 0, KLA_ALGO_RECURRENT, b->chunk, b->reps, NULL, res);
+        snprintf(w, sizeof w, "forward recurrent, %s", where[res]);
+        fails += gpu_row(w, &f, b->json, &first);
     }
-    if (do_bwd) {
-        progress("forward+backward");
-        gfig f = gpu_time_op(ctx, &P, 1, b->algo, b->chunk, b->reps, NULL);
-        fails += gpu_row(b->algo == KLA_ALGO_RECURRENT ? "forward+backward recurrent" : "forward+backward chunk", &f,
-                b->json, &first);
+    for (int res = 0; res < 2 && do_bwd; res++) {
+        progress("forward+backward, %s", where[res]);
+        gfig f = gpu_time_op(ctx, &P, 1, b->algo, b->chunk, b->reps, NULL, res);
+        snprintf(w, sizeof w, "forward+backward %s, %s", b->algo == KLA_ALGO_RECURRENT ? "recurrent" : "chunk",
+                 where[res]);
+        fails += gpu_row(w, &f, b->json, &first);
     }
     if (do_fwd || do_bwd) prob_free(&P);
     if (do_dec) {
@@ -438,11 +483,12 @@ static int bench_gpu(KlaContext *ctx, const bopt *b, int do_fwd, int do_bwd, int
             prob D;
             prob_make(&D, Ns[i], 1, b->H, b->K, b->V, 0);
             float *state = rnd(Ns[i] * b->H * b->K * b->V, -0.01f, 0.01f);
-            for (int op = 2; op <= 3; op++) {
-                gfig f = gpu_time_op(ctx, &D, op, KLA_ALGO_AUTO, b->chunk, b->reps * 4 + 1, state);
-                char w[64];
-                snprintf(w, sizeof w, "decode, %ld sequence%s%s", Ns[i], Ns[i] == 1 ? "" : "s",
-                         op == 3 ? ", KlaState" : "");
+            for (int op = 2; op <= 4; op++) {
+                /* host state; KlaState (token tensors from the host); all resident */
+                gfig f = gpu_time_op(ctx, &D, op == 4 ? 2 : op, KLA_ALGO_AUTO, b->chunk, b->reps * 4 + 1, state,
+                                     op == 4);
+                snprintf(w, sizeof w, "decode, %ld sequence%s, %s", Ns[i], Ns[i] == 1 ? "" : "s",
+                         op == 2 ? "host" : op == 3 ? "KlaState" : "resident");
                 fails += gpu_row(w, &f, b->json, &first);
             }
             free(state);
@@ -623,7 +669,7 @@ int kla_bench_main(int argc, char **argv)
     if (nthreads == 0) nthreads = 1;
 #endif
     const int gpu = b.backend && !strcmp(b.backend, "vulkan");
-    if (gpu) setenv("KLA_VULKAN_PASSES", "12", 0); /* see the top of the file; the user's value stands */
+    if (gpu) setenv("KLA_VULKAN_PASSES", "1", 0); /* see the top of the file; the user's value stands */
     KlaContext *ctx = open_ctx(b.backend, b.threads, b.cpu);
     if (!ctx) return 1;
     if (b.in) {
