@@ -935,7 +935,7 @@ static int floor_g(buf *b, KlaIn in, int64_t n, KlaDtype R)
  * dtype and numel its own, and sets its KLA_R_* bit. Tensors without a bit (cu_seqlens,
  * the family's) must be host memory. */
 static int resolve_buffers(KlaContext *ctx, const KlaOptions *opt, const KlaTensors *t, KlaTensors *rt,
-                           unsigned *resident)
+                           unsigned *resident, unsigned *r16)
 {
     static const struct {
         const char *name;
@@ -958,7 +958,7 @@ static int resolve_buffers(KlaContext *ctx, const KlaOptions *opt, const KlaTens
 #undef TO
     };
     *rt = *t;
-    *resident = 0;
+    *resident = r16[0] = r16[1] = 0;
     for (size_t i = 0; i < sizeof f / sizeof f[0]; i++) {
         char *p = (char *)rt + f[i].off;
         /* KlaIn and KlaOut have the same layout; only const differs */
@@ -980,8 +980,13 @@ static int resolve_buffers(KlaContext *ctx, const KlaOptions *opt, const KlaTens
         if (f[i].state && opt && opt->state_layout == KLA_LAYOUT_VK)
             return kla__fail(ctx, KLA_EINVAL, "tensor %s: a device buffer holds states in the KV layout only "
                              "(state_layout VK is for host tensors)", f[i].name);
+        const int half = b->dtype == KLA_F16 || b->dtype == KLA_BF16;
+        if (half && f[i].state)
+            return kla__fail(ctx, KLA_EINVAL, "tensor %s: a state stays float32 on backend %s (a KLA_F32 buffer), "
+                             "this buffer is 16-bit", f[i].name, ctx->be->name);
         x->data = b->h, x->dtype = b->dtype, x->numel = b->numel;
         *resident |= f[i].bit;
+        if (half) r16[b->dtype == KLA_BF16] |= f[i].bit;
     }
     return 0;
 }
@@ -993,8 +998,8 @@ static int run_checked(KlaContext *ctx, const KlaShape *shape, const KlaOptions 
     if (op == OP_DECODE_STATE && (!kst || kst->ctx != ctx))
         return kla__fail(ctx, KLA_EINVAL, "KlaState: %s", kst ? "made for another context" : "NULL");
     KlaTensors rt;
-    unsigned resident = 0;
-    int r = resolve_buffers(ctx, opt, t, &rt, &resident);
+    unsigned resident = 0, r16[2] = { 0, 0 };
+    int r = resolve_buffers(ctx, opt, t, &rt, &resident, r16);
     if (r) return r;
     t = &rt;
     sizes z = { 0 };
@@ -1051,7 +1056,8 @@ static int run_checked(KlaContext *ctx, const KlaShape *shape, const KlaOptions 
                       .log_atk_scale = bi[I_LATK].ptr, .a0 = bi[I_A0].ptr, .dat = bi[I_DAT].ptr,
                       .at = bo[O_AT].ptr, .dg_atk = bo[O_DGATK].ptr, .dbeta_atk = bo[O_DBATK].ptr,
                       .dlog_atk_scale = bo[O_DLATK].ptr, .da0 = bo[O_DA0].ptr, .state = bo[O_STATE].ptr,
-                      .astate = bo[O_ASTATE].ptr, .resident = resident };
+                      .astate = bo[O_ASTATE].ptr, .resident = resident, .res_f16 = r16[0],
+                      .res_bf16 = r16[1] };
         void *st = ctx->state;
         if (op == OP_FORWARD) r = ctx->be->forward(st, &p, &io);
         else if (op == OP_BACKWARD) r = ctx->be->backward(st, &p, &io);
@@ -1297,10 +1303,14 @@ static int buffer_make(KlaContext *ctx, KlaDtype dt, int64_t numel, KlaBuffer **
         return kla__fail(ctx, KLA_EINVAL, "KlaBuffer: dtype %d, must be KLA_F32, KLA_F64, KLA_F16 or KLA_BF16", (int)dt);
     if (numel <= 0 || numel > INT64_MAX / 8)
         return kla__fail(ctx, KLA_EINVAL, "KlaBuffer: numel = %lld, must be > 0", (long long)numel);
-    const int dev = ctx->be->mem_new != NULL;
-    if ((dev || wrap) && dt != ctx->be->real)
-        return kla__fail(ctx, KLA_EINVAL, "KlaBuffer: backend %s keeps %s buffers (dtype %d given)", ctx->be->name,
-                         ctx->be->real == KLA_F32 ? "KLA_F32" : "KLA_F64", (int)dt);
+    const int dev = ctx->be->mem_new != NULL, half = dt == KLA_F16 || dt == KLA_BF16;
+    if ((dev || wrap) && dt != ctx->be->real && !(half && ctx->be->dev16))
+        return kla__fail(ctx, KLA_EINVAL, "KlaBuffer: backend %s keeps %s%s buffers (dtype %d given)", ctx->be->name,
+                         ctx->be->real == KLA_F32 ? "KLA_F32" : "KLA_F64",
+                         ctx->be->dev16 ? ", KLA_F16 and KLA_BF16" : "", (int)dt);
+    if (wrap && half && numel % 2)
+        return kla__fail(ctx, KLA_EINVAL, "KlaBuffer: a 16-bit Vulkan buffer of the application holds an even count "
+                         "(the device reads 32-bit words), %lld given", (long long)numel);
     if (wrap && !ctx->be->mem_wrap)
         return kla__fail(ctx, KLA_EINVAL, "KlaBuffer: backend %s does not take Vulkan buffers", ctx->be->name);
     KlaBuffer *b = calloc(1, sizeof *b);

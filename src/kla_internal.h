@@ -30,6 +30,9 @@ typedef struct kla_io {
     /* KLA_R_* bits: that tensor is a backend memory handle (a KlaBuffer's h), not host
      * memory; only for backends with mem_new, never for the family's tensors */
     unsigned resident;
+    /* of those, KLA_R_* bits of tensors held in 16 bits (IEEE binary16, bfloat16); only
+     * for backends with dev16 */
+    unsigned res_f16, res_bf16;
 } kla_io;
 
 enum {
@@ -85,6 +88,7 @@ typedef struct kla_backend {
     int (*open_external)(void **state, const KlaParams *params, const KlaVulkanDevice *dev, char *err,
                          size_t errlen);
     int (*mem_wrap)(void *state, uint64_t buffer, uint64_t offset, int64_t bytes, void **h);
+    int dev16; /* its memory also holds F16 and BF16 tensors (not states), widened on the device */
     void (*mem_handle)(void *h, uint64_t *buffer, uint64_t *offset);
 } kla_backend;
 

@@ -93,6 +93,171 @@ static int near(const float *a, const float *b, size_t n, double tol)
     return e <= tol * m;
 }
 
+/* x rounded to dt (F16, BF16) by a buffer of ctx: raw 16-bit values, and their float32 */
+static int round16(KlaContext *ctx, KlaDtype dt, const float *x, int64_t n, uint16_t *bits, float *wide)
+{
+    KlaBuffer *b = NULL;
+    int r = kla_buffer_new(ctx, dt, n, &b);
+    if (!r) r = kla_buffer_write(b, KLA_F32_IN(x, n));
+    if (!r) r = kla_buffer_read(b, KLA_OUT(bits, dt, n));
+    if (!r && wide) r = kla_buffer_read(b, KLA_F32_OUT(wide, n));
+    kla_buffer_free(&b);
+    return r;
+}
+
+/* 16-bit buffers (F16, BF16): a backward whose inputs q k v g eta dout and outputs o dq dk
+ * dv dg deta are 16-bit buffers equals, bit for bit, the float32 backward on the inputs'
+ * 16-bit values with its outputs rounded to 16 bits (vulkan widens and narrows on the
+ * GPU, the CPU backends on the host). Odd element counts (g, eta, dg, deta of 7 tokens)
+ * cover the last half-filled 32-bit word. A 16-bit state is refused. */
+static void check_16bit(KlaContext *ctx, const char *be, int dev)
+{
+    enum { T7 = 7, H1 = 1, K1 = 16, V1 = 8 };
+    const KlaShape s = { .B = 1, .T = T7, .H = H1, .HV = H1, .K = K1, .V = V1 };
+    const int64_t n[12] = { T7 * K1, T7 * K1, T7 * V1, T7, T7, T7 * V1, /* q k v g eta do */
+                            T7 * V1, T7 * K1, T7 * K1, T7 * V1, T7, T7 }; /* o dq dk dv dg deta */
+    KlaOptions opt;
+    kla_default_options(&opt);
+    for (int d = 0; d < 2; d++) {
+        const KlaDtype dt = d ? KLA_BF16 : KLA_F16;
+        const char *dn = d ? "bf16" : "f16";
+        float *x[12], *w[12];
+        uint16_t *want[12], *got[12];
+        KlaBuffer *b[12] = { 0 };
+        int r = 0;
+        for (int i = 0; i < 12; i++) {
+            x[i] = i == 3 ? frand((size_t)n[i], -0.3, -0.01) : i == 4 ? frand((size_t)n[i], 0.2, 0.9)
+                                                                   : frand((size_t)n[i], -1, 1);
+            w[i] = calloc((size_t)n[i], 4), want[i] = calloc((size_t)n[i], 2), got[i] = calloc((size_t)n[i], 2);
+            if (!r) r = kla_buffer_new(ctx, dt, n[i], &b[i]);
+            if (i < 6 && !r) r = round16(ctx, dt, x[i], n[i], want[i], w[i]) || kla_buffer_write(b[i], KLA_F32_IN(x[i], n[i]));
+        }
+        /* the float32 backward on the 16-bit values, its outputs rounded */
+        KlaTensors th = { .q = KLA_F32_IN(w[0], n[0]), .k = KLA_F32_IN(w[1], n[1]), .v = KLA_F32_IN(w[2], n[2]),
+                          .g = KLA_F32_IN(w[3], n[3]), .eta = KLA_F32_IN(w[4], n[4]), .dout = KLA_F32_IN(w[5], n[5]),
+                          .o = KLA_F32_OUT(w[6], n[6]), .dq = KLA_F32_OUT(w[7], n[7]), .dk = KLA_F32_OUT(w[8], n[8]),
+                          .dv = KLA_F32_OUT(w[9], n[9]), .dg = KLA_F32_OUT(w[10], n[10]),
+                          .deta = KLA_F32_OUT(w[11], n[11]) };
+        if (!r) r = kla_backward(ctx, &s, &opt, &th);
+        for (int i = 6; i < 12 && !r; i++) r = round16(ctx, dt, w[i], n[i], want[i], NULL);
+        KlaTensors tb = { .q = KLA_BUF_IN(b[0]), .k = KLA_BUF_IN(b[1]), .v = KLA_BUF_IN(b[2]), .g = KLA_BUF_IN(b[3]),
+                          .eta = KLA_BUF_IN(b[4]), .dout = KLA_BUF_IN(b[5]), .o = KLA_BUF_OUT(b[6]),
+                          .dq = KLA_BUF_OUT(b[7]), .dk = KLA_BUF_OUT(b[8]), .dv = KLA_BUF_OUT(b[9]),
+                          .dg = KLA_BUF_OUT(b[10]), .deta = KLA_BUF_OUT(b[11]) };
+        if (!r) r = kla_backward(ctx, &s, &opt, &tb);
+        int eq = 1;
+        for (int i = 0; i < 12 && !r; i++) {
+            r = kla_buffer_read(b[i], KLA_OUT(got[i], dt, n[i]));
+            eq &= !memcmp(got[i], want[i], (size_t)n[i] * 2); /* inputs: unchanged */
+        }
+        char what[160], msg[600];
+        snprintf(what, sizeof what, "%s buffers in and out (odd counts included) equal the float32 backward on the "
+                 "%s values, rounded, bit for bit", dn, dn);
+        snprintf(msg, sizeof msg, "rc %d %s", r, kla_error_detail(ctx));
+        ok(!r && eq, be, what, msg);
+        if (dev) {
+            KlaBuffer *h0 = NULL;
+            kla_buffer_new(ctx, dt, (int64_t)H1 * K1 * V1, &h0);
+            tb.h0 = KLA_BUF_IN(h0);
+            r = kla_backward(ctx, &s, &opt, &tb);
+            snprintf(what, sizeof what, "a %s state buffer (h0): refused", dn);
+            ok(r == KLA_EINVAL && strstr(kla_error_detail(ctx), "tensor h0: a state stays float32"), be, what,
+               kla_error_detail(ctx));
+            kla_buffer_free(&h0);
+            uint64_t vb, off;
+            KlaBuffer *wr = NULL;
+            kla_buffer_vulkan_handle(b[3], &vb, &off);
+            r = kla_buffer_wrap_vulkan(ctx, vb, off, dt, T7, &wr);
+            snprintf(what, sizeof what, "wrapping a %s Vulkan buffer of an odd count: refused", dn);
+            ok(r == KLA_EINVAL && !wr && strstr(kla_error_detail(ctx), "even count"), be, what, kla_error_detail(ctx));
+        }
+        for (int i = 0; i < 12; i++) kla_buffer_free(&b[i]), free(x[i]), free(w[i]), free(want[i]), free(got[i]);
+    }
+}
+
+/* a 16-bit value as float (bf: bfloat16, else IEEE binary16; finite h only) */
+static float wide16(uint16_t h, int bf)
+{
+    if (bf) {
+        const uint32_t u = (uint32_t)h << 16;
+        float f;
+        memcpy(&f, &u, 4);
+        return f;
+    }
+    const int e = (h >> 10) & 0x1f, m = h & 0x3ff;
+    const float v = e ? ldexpf(1 + m / 1024.0f, e - 15) : ldexpf((float)m, -24);
+    return h & 0x8000 ? -v : v;
+}
+
+/* The conversions themselves, on every 16-bit value: a decode in mode gdn with K = 1,
+ * k = q = 1, beta = 1, g = 0, scale 1 and a zero state makes the new state and o equal to
+ * v exactly (but -0, which comes out +0), so o = v converts v's dtype into o's. Widening: v every finite F16 (BF16)
+ * bit pattern, o F32, against the host's widening. Narrowing: v F32 values at, on and
+ * either side of every F16 (BF16) halfway point, both signs, and values that overflow;
+ * o 16-bit, against the host's rounding (kla_buffer_write converts on the host). */
+static void check_conversions(KlaContext *ctx, const char *be)
+{
+    enum { NSQ = 128, VW = 1024 };
+    const int64_t n = (int64_t)NSQ * VW;
+    const KlaShape s = { .B = NSQ, .T = 1, .H = 1, .HV = 1, .K = 1, .V = VW };
+    KlaOptions opt;
+    kla_default_options(&opt);
+    opt.mode = KLA_MODE_GDN, opt.scale = 1;
+    float *one = malloc(NSQ * 4), *zero = calloc(NSQ, 4), *v = malloc((size_t)n * 4), *o = malloc((size_t)n * 4);
+    uint16_t *bits = malloc((size_t)n * 2), *want = malloc((size_t)n * 2);
+    for (int i = 0; i < NSQ; i++) one[i] = 1;
+    for (int d = 0; d < 2; d++) {
+        const KlaDtype dt = d ? KLA_BF16 : KLA_F16;
+        const char *dn = d ? "bf16" : "f16";
+        for (int pass = 0; pass < 2; pass++) { /* 0: widen, 1: narrow */
+            KlaBuffer *bv = NULL, *bo = NULL, *st = NULL;
+            if (pass == 0)
+                for (int64_t i = 0; i < n; i++) { /* every pattern; NaN and Inf as 0 */
+                    const uint16_t h = (uint16_t)(i & 0xffff);
+                    bits[i] = (d ? ((h >> 7) & 0xff) == 0xff : ((h >> 10) & 0x1f) == 0x1f) || h == 0x8000 ? 0 : h;
+                }
+            else
+                for (int64_t i = 0; i < n; i++) {
+                    const uint16_t lim = d ? 0x7f7f : 0x7bff, h = (uint16_t)((i / 8) % lim);
+                    const float a = wide16(h, d), c = wide16((uint16_t)(h + 1), d), mid = (a + c) / 2;
+                    const float x[4] = { a, mid, nextafterf(mid, 0), nextafterf(mid, INFINITY) };
+                    v[i] = (i % 8 < 4 ? 1 : -1) * x[i % 4];
+                    if (i % 4099 == 0) v[i] = (i % 2 ? 1 : -1) * (d ? 3.3e38f : 65520.0f * (1 + (i % 7)));
+                    if (v[i] == 0) v[i] = 0; /* -0 comes out +0 (0 - 0 in the update) */
+                }
+            int r = kla_buffer_new(ctx, pass ? KLA_F32 : dt, n, &bv) | kla_buffer_new(ctx, pass ? dt : KLA_F32, n, &bo) |
+                    kla_buffer_new(ctx, KLA_F32, n, &st);
+            if (!r) r = pass ? kla_buffer_write(bv, KLA_F32_IN(v, n)) : kla_buffer_write(bv, KLA_IN(bits, dt, n));
+            KlaTensors t = { .q = KLA_F32_IN(one, NSQ), .k = KLA_F32_IN(one, NSQ), .v = KLA_BUF_IN(bv),
+                             .g = KLA_F32_IN(zero, NSQ), .beta = KLA_F32_IN(one, NSQ), .o = KLA_BUF_OUT(bo),
+                             .state = KLA_BUF_OUT(st) };
+            if (!r) r = kla_decode(ctx, &s, &opt, &t);
+            int bad = 0;
+            if (!pass) {
+                if (!r) r = kla_buffer_read(bo, KLA_F32_OUT(o, n));
+                if (!r) r = kla_buffer_read(bv, KLA_F32_OUT(v, n)); /* widened by the host */
+                for (int64_t i = 0; i < n && !r; i++) bad += memcmp(&o[i], &v[i], 4) != 0;
+            } else {
+                KlaBuffer *hb = NULL; /* the host's rounding: a write into a 16-bit buffer */
+                if (!r) r = kla_buffer_new(ctx, dt, n, &hb);
+                if (!r) r = kla_buffer_write(hb, KLA_F32_IN(v, n));
+                if (!r) r = kla_buffer_read(hb, KLA_OUT(want, dt, n));
+                if (!r) r = kla_buffer_read(bo, KLA_OUT(bits, dt, n));
+                for (int64_t i = 0; i < n && !r; i++) bad += bits[i] != want[i];
+                kla_buffer_free(&hb);
+            }
+            char what[160], msg[600];
+            if (pass) snprintf(what, sizeof what, "float32 -> %s at every halfway point (and either side, "
+                               "overflow), as the host rounds", dn);
+            else snprintf(what, sizeof what, "%s -> float32 of every finite %s value, exact", dn, dn);
+            snprintf(msg, sizeof msg, "rc %d, %d differ %s", r, bad, r ? kla_error_detail(ctx) : "");
+            ok(!r && !bad, be, what, msg);
+            kla_buffer_free(&bv), kla_buffer_free(&bo), kla_buffer_free(&st);
+        }
+    }
+    free(one), free(zero), free(v), free(o), free(bits), free(want);
+}
+
 static void run_backend(const char *be)
 {
     KlaParams p;
@@ -291,7 +456,7 @@ static void run_backend(const char *be)
         free(d64);
         if (dev) {
             r = kla_buffer_new(ctx, KLA_F64, 16, &bad);
-            ok(r == KLA_EINVAL && strstr(kla_error_detail(ctx), "keeps KLA_F32 buffers"), be,
+            ok(r == KLA_EINVAL && strstr(kla_error_detail(ctx), "keeps KLA_F32, KLA_F16 and KLA_BF16 buffers"), be,
                "an F64 buffer on vulkan: refused, naming the dtype it keeps", kla_error_detail(ctx));
             KlaBuffer *cu = NULL;
             kla_buffer_new(ctx, KLA_F32, 2, &cu);
@@ -337,6 +502,8 @@ static void run_backend(const char *be)
                "kla_buffer_vulkan_handle on a CPU backend: KLA_EINVAL", "");
         }
     }
+    check_16bit(ctx, be, dev);
+    check_conversions(ctx, be);
 done:
     for (int i = 0; i < NT; i++) kla_buffer_free(&b[i]), free(host.x[i]), free(viab.x[i]);
     kla_close(&other);

@@ -78,6 +78,9 @@ static const uint32_t spv_chunk_bwdv[] =
 static const uint32_t spv_chunk_bwd[] =
 #include "chunk_bwd.spv.h"
     ;
+static const uint32_t spv_convert[] =
+#include "convert.spv.h"
+    ;
 
 
 static const char *bind_name(int b)
@@ -195,6 +198,10 @@ static void vk_close(void *state)
         for (int i = 0; i < NBIND; i++) buf_free(c, &c->b[i]);
         buf_free(c, &c->staging);
         if (c->dpool) vkDestroyDescriptorPool(c->dev, c->dpool, NULL);
+        if (c->conv_pipe) vkDestroyPipeline(c->dev, c->conv_pipe, NULL);
+        if (c->conv_mod) vkDestroyShaderModule(c->dev, c->conv_mod, NULL);
+        if (c->conv_pl) vkDestroyPipelineLayout(c->dev, c->conv_pl, NULL);
+        if (c->conv_dsl) vkDestroyDescriptorSetLayout(c->dev, c->conv_dsl, NULL);
         if (c->pl) vkDestroyPipelineLayout(c->dev, c->pl, NULL);
         if (c->dsl) vkDestroyDescriptorSetLayout(c->dev, c->dsl, NULL);
         if (c->fence) vkDestroyFence(c->dev, c->fence, NULL);
@@ -404,14 +411,43 @@ static int vk_setup(vkctx *c, void **state, char *err, size_t errlen)
                                         .setLayoutCount = 1, .pSetLayouts = &c->dsl,
                                         .pushConstantRangeCount = 1, .pPushConstantRanges = &pr };
     CHECK(vkCreatePipelineLayout(c->dev, &plci, NULL, &c->pl), "vkCreatePipelineLayout");
-    VkDescriptorPoolSize ps = { VK_DESCRIPTOR_TYPE_STORAGE_BUFFER, NBIND };
+    VkDescriptorPoolSize ps = { VK_DESCRIPTOR_TYPE_STORAGE_BUFFER, NBIND + 2 * NCONV };
     VkDescriptorPoolCreateInfo dpci = { .sType = VK_STRUCTURE_TYPE_DESCRIPTOR_POOL_CREATE_INFO,
-                                        .maxSets = 1, .poolSizeCount = 1, .pPoolSizes = &ps };
+                                        .maxSets = 1 + NCONV, .poolSizeCount = 1, .pPoolSizes = &ps };
     CHECK(vkCreateDescriptorPool(c->dev, &dpci, NULL, &c->dpool), "vkCreateDescriptorPool");
     VkDescriptorSetAllocateInfo dsai = { .sType = VK_STRUCTURE_TYPE_DESCRIPTOR_SET_ALLOCATE_INFO,
                                          .descriptorPool = c->dpool, .descriptorSetCount = 1,
                                          .pSetLayouts = &c->dsl };
     CHECK(vkAllocateDescriptorSets(c->dev, &dsai, &c->set), "vkAllocateDescriptorSets");
+    /* convert.comp (16-bit tensors): a layout of its own, two bindings, two push constants */
+    {
+        VkDescriptorSetLayoutBinding cb2[2];
+        for (int i = 0; i < 2; i++)
+            cb2[i] = (VkDescriptorSetLayoutBinding){ (uint32_t)i, VK_DESCRIPTOR_TYPE_STORAGE_BUFFER, 1,
+                                                     VK_SHADER_STAGE_COMPUTE_BIT, NULL };
+        VkDescriptorSetLayoutCreateInfo cl = { .sType = VK_STRUCTURE_TYPE_DESCRIPTOR_SET_LAYOUT_CREATE_INFO,
+                                               .bindingCount = 2, .pBindings = cb2 };
+        CHECK(vkCreateDescriptorSetLayout(c->dev, &cl, NULL, &c->conv_dsl), "vkCreateDescriptorSetLayout");
+        VkPushConstantRange cpr = { VK_SHADER_STAGE_COMPUTE_BIT, 0, 8 };
+        VkPipelineLayoutCreateInfo cpl = { .sType = VK_STRUCTURE_TYPE_PIPELINE_LAYOUT_CREATE_INFO,
+                                           .setLayoutCount = 1, .pSetLayouts = &c->conv_dsl,
+                                           .pushConstantRangeCount = 1, .pPushConstantRanges = &cpr };
+        CHECK(vkCreatePipelineLayout(c->dev, &cpl, NULL, &c->conv_pl), "vkCreatePipelineLayout");
+        VkDescriptorSetLayout ls[NCONV];
+        for (int i = 0; i < NCONV; i++) ls[i] = c->conv_dsl;
+        VkDescriptorSetAllocateInfo ca = { .sType = VK_STRUCTURE_TYPE_DESCRIPTOR_SET_ALLOCATE_INFO,
+                                           .descriptorPool = c->dpool, .descriptorSetCount = NCONV, .pSetLayouts = ls };
+        CHECK(vkAllocateDescriptorSets(c->dev, &ca, c->conv_set), "vkAllocateDescriptorSets");
+        VkShaderModuleCreateInfo cm = { .sType = VK_STRUCTURE_TYPE_SHADER_MODULE_CREATE_INFO,
+                                        .codeSize = sizeof spv_convert, .pCode = spv_convert };
+        CHECK(vkCreateShaderModule(c->dev, &cm, NULL, &c->conv_mod), "vkCreateShaderModule");
+        VkComputePipelineCreateInfo cp = {
+            .sType = VK_STRUCTURE_TYPE_COMPUTE_PIPELINE_CREATE_INFO,
+            .stage = { .sType = VK_STRUCTURE_TYPE_PIPELINE_SHADER_STAGE_CREATE_INFO, .stage = VK_SHADER_STAGE_COMPUTE_BIT,
+                       .module = c->conv_mod, .pName = "main" },
+            .layout = c->conv_pl };
+        CHECK(vkCreateComputePipelines(c->dev, VK_NULL_HANDLE, 1, &cp, NULL, &c->conv_pipe), "vkCreateComputePipelines");
+    }
 
     struct { const uint32_t *code; size_t size; } src[NSHADERS] = {
         [SH_PREP] = { c->subgroup ? spv_prep_sg : spv_prep_sh, c->subgroup ? sizeof spv_prep_sg : sizeof spv_prep_sh },
@@ -461,7 +497,35 @@ typedef struct call {
     /* bindings held in a buffer of the caller's (a KlaState, a KlaBuffer): bound as they
      * are, no transfers */
     const vbuf *ext[NBIND];
+    /* bindings whose tensor is a 16-bit buffer of the caller's: the binding's own float32
+     * buffer is widened from it (inputs) or narrowed into it (outputs) by convert.comp */
+    const vbuf *h16[NBIND];
+    unsigned char bf[NBIND]; /* 1: bfloat16, 0: binary16 */
+    struct { int bind, out; int64_t n; } conv[NCONV];
+    int nconv;
 } call;
+
+/* the caller's buffers of a call, by binding (ext_from) */
+typedef struct extb {
+    const vbuf *ext[NBIND], *h16[NBIND];
+    unsigned char bf[NBIND];
+} extb;
+
+static void take_ext(call *k, const extb *e)
+{
+    memcpy(k->ext, e->ext, sizeof k->ext);
+    memcpy(k->h16, e->h16, sizeof k->h16);
+    memcpy(k->bf, e->bf, sizeof k->bf);
+}
+
+/* A conversion between binding `bind`'s float32 buffer and its 16-bit one. */
+static int add_conv(call *k, int bind, int out, VkDeviceSize bytes)
+{
+    if (k->nconv == NCONV) return KLA_ENOMEM;
+    k->conv[k->nconv].bind = bind, k->conv[k->nconv].out = out, k->conv[k->nconv].n = (int64_t)(bytes / 4);
+    k->nconv++;
+    return 0;
+}
 
 /* Binding `bind` holds `bytes` for this call. */
 static int need(call *k, int bind, VkDeviceSize bytes)
@@ -485,6 +549,7 @@ static int upload(call *k, int bind, const void *host, VkDeviceSize bytes)
 {
     int r = need(k, bind, bytes);
     if (r || !host || k->ext[bind]) return r;
+    if (k->h16[bind]) return add_conv(k, bind, 0, bytes);
     k->up[k->nup++] = (xfer){ bind, (void *)host, bytes, 0 };
     return 0;
 }
@@ -492,6 +557,7 @@ static int upload(call *k, int bind, const void *host, VkDeviceSize bytes)
 static int download(call *k, int bind, void *host, VkDeviceSize bytes)
 {
     if (!host || k->ext[k->c->alias[bind]]) return 0;
+    if (k->h16[bind]) return add_conv(k, bind, 1, bytes);
     k->down[k->ndown++] = (xfer){ bind, host, bytes, 0 };
     return 0;
 }
@@ -521,6 +587,18 @@ static int begin(call *k)
                                        .descriptorType = VK_DESCRIPTOR_TYPE_STORAGE_BUFFER, .pBufferInfo = &bi[i] };
     }
     vkUpdateDescriptorSets(c->dev, NBIND, w, 0, NULL);
+    for (int i = 0; i < k->nconv; i++) {
+        const int b = k->conv[i].bind;
+        const VkDeviceSize n = (VkDeviceSize)k->conv[i].n;
+        const vbuf *h = k->h16[b];
+        VkDescriptorBufferInfo ci[2] = { { h->buf, h->off, (n * 2 + 3) & ~(VkDeviceSize)3 }, { c->b[b].buf, 0, n * 4 } };
+        VkWriteDescriptorSet cw[2];
+        for (int j = 0; j < 2; j++)
+            cw[j] = (VkWriteDescriptorSet){ .sType = VK_STRUCTURE_TYPE_WRITE_DESCRIPTOR_SET, .dstSet = c->conv_set[i],
+                                            .dstBinding = (uint32_t)j, .descriptorCount = 1,
+                                            .descriptorType = VK_DESCRIPTOR_TYPE_STORAGE_BUFFER, .pBufferInfo = &ci[j] };
+        vkUpdateDescriptorSets(c->dev, 2, cw, 0, NULL);
+    }
     if (begin_cb(c)) return KLA_EIO;
     k->recording = 1;
     c->epoch++; /* pipelines fetched from here on are used by this command buffer */
@@ -541,15 +619,48 @@ static int begin(call *k)
  * recomputes the same outputs from the inputs, so repeating them changes nothing but the
  * time: a benchmark (KLA_VULKAN_PASSES) times the last pass, with the GPU at full clock
  * after the first ones, as it is when a training step follows another. */
+static void record_conv(call *k, int out);
+
 static void pass_start(call *k, int pass, int n)
 {
     vkctx *c = k->c;
     k->quiet = pass < n - 1;
-    if (!c->timer || k->quiet) return;
-    /* after earlier passes: when they have completed (the barrier after each dispatch) */
-    vkCmdWriteTimestamp(c->cb, pass ? VK_PIPELINE_STAGE_BOTTOM_OF_PIPE_BIT : VK_PIPELINE_STAGE_TOP_OF_PIPE_BIT,
-                        c->timer, 0);
-    k->nstamp = 1;
+    if (c->timer && !k->quiet) {
+        /* after earlier passes: when they have completed (the barrier after each dispatch) */
+        vkCmdWriteTimestamp(c->cb, pass ? VK_PIPELINE_STAGE_BOTTOM_OF_PIPE_BIT : VK_PIPELINE_STAGE_TOP_OF_PIPE_BIT,
+                            c->timer, 0);
+        k->nstamp = 1;
+    }
+    if (pass == 0) record_conv(k, 0); /* 16-bit inputs widened once */
+}
+
+/* The conversions of one direction (inputs widened, or outputs narrowed), a barrier,
+ * a timestamp ("widen", "narrow"); the call's descriptor set bound again after. */
+static void record_conv(call *k, int out)
+{
+    vkctx *c = k->c;
+    int any = 0;
+    for (int i = 0; i < k->nconv; i++) {
+        if (k->conv[i].out != out) continue;
+        if (!any) vkCmdBindPipeline(c->cb, VK_PIPELINE_BIND_POINT_COMPUTE, c->conv_pipe);
+        any = 1;
+        const int b = k->conv[i].bind;
+        const uint32_t pcv[2] = { (uint32_t)k->conv[i].n, (out ? 2u : 0u) + k->bf[b] };
+        vkCmdBindDescriptorSets(c->cb, VK_PIPELINE_BIND_POINT_COMPUTE, c->conv_pl, 0, 1, &c->conv_set[i], 0, NULL);
+        vkCmdPushConstants(c->cb, c->conv_pl, VK_SHADER_STAGE_COMPUTE_BIT, 0, sizeof pcv, pcv);
+        const uint64_t groups = ((uint64_t)k->conv[i].n + 127) / 128; /* 64 words of 2 elements */
+        const uint32_t maxx = c->props.limits.maxComputeWorkGroupCount[0];
+        const uint32_t x = groups > maxx ? maxx : (uint32_t)groups, y = (uint32_t)((groups + x - 1) / x);
+        vkCmdDispatch(c->cb, x, y, 1);
+    }
+    if (!any) return;
+    barrier(c->cb, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, VK_ACCESS_SHADER_WRITE_BIT,
+            VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, VK_ACCESS_SHADER_READ_BIT | VK_ACCESS_SHADER_WRITE_BIT);
+    if (c->timer && !k->quiet && k->nstamp < NSTAMPS - 1) {
+        k->name[k->nstamp] = out ? "narrow" : "widen";
+        vkCmdWriteTimestamp(c->cb, VK_PIPELINE_STAGE_BOTTOM_OF_PIPE_BIT, c->timer, k->nstamp++);
+    }
+    if (!out) vkCmdBindDescriptorSets(c->cb, VK_PIPELINE_BIND_POINT_COMPUTE, c->pl, 0, 1, &c->set, 0, NULL);
 }
 
 /* Records one dispatch, then a barrier so the next one sees its writes. gx may be large:
@@ -584,6 +695,7 @@ static int dispatch(call *k, VkPipeline p, const pconst *pc, uint64_t gx, uint32
 static int finish(call *k)
 {
     vkctx *c = k->c;
+    record_conv(k, 1); /* 16-bit outputs narrowed */
     if (c->timer) vkCmdWriteTimestamp(c->cb, VK_PIPELINE_STAGE_BOTTOM_OF_PIPE_BIT, c->timer, k->nstamp++);
     if (!c->direct && k->ndown) {
         barrier(c->cb, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, VK_ACCESS_SHADER_WRITE_BIT,
@@ -785,7 +897,7 @@ static uint32_t cstate_fit(const vkctx *c, int64_t K, int64_t V, uint32_t C, uin
 
 static int vk_forward_impl(vkctx *c, const kla_problem *p, int *algo, const float *q,
                            const float *kk, const float *v, const float *g, const float *a,
-                           const float *h0, float *o, float *ht, int decode, const vbuf *const *ext)
+                           const float *h0, float *o, float *ht, int decode, const extb *ext)
 {
     /* the chunkwise kernels unless recurrent was asked for; chunks above 64 tokens are
      * run as 64 (the same result: the chunk size only groups the arithmetic) */
@@ -807,7 +919,7 @@ static int vk_forward_impl(vkctx *c, const kla_problem *p, int *algo, const floa
         return r;
     }
     call k = { .c = c };
-    if (ext) memcpy(k.ext, ext, sizeof k.ext);
+    if (ext) take_ext(&k, ext);
     reset_bindings(c);
     const VkDeviceSize f = 4, nv = (VkDeviceSize)(P.total * P.HV * P.V) * f;
     const VkDeviceSize nst = (VkDeviceSize)(P.N * P.HV * P.K * P.V) * f;
@@ -861,7 +973,7 @@ out:
 }
 
 /* The bindings a call's KlaBuffers hold (io->resident): their vbufs, bound in place. */
-static void ext_from(const kla_io *x, const vbuf *ext[NBIND])
+static void ext_from(const kla_io *x, extb *e)
 {
     const struct { unsigned bit; int bind; const void *p; } m[] = {
         { KLA_R_Q, B_Q, x->q }, { KLA_R_K, B_K, x->k }, { KLA_R_V, B_V, x->v }, { KLA_R_G, B_G, x->g },
@@ -871,25 +983,29 @@ static void ext_from(const kla_io *x, const vbuf *ext[NBIND])
         { KLA_R_DG, B_DG, x->dg }, { KLA_R_DA, B_DA, x->da }, { KLA_R_DH0, B_DH0, x->dh0 },
         { KLA_R_STATE, B_H0, x->state }, /* decode: the state is bound as h0 (= ht) */
     };
-    for (int i = 0; i < NBIND; i++) ext[i] = NULL;
-    for (size_t i = 0; i < sizeof m / sizeof m[0]; i++)
-        if (x->resident & m[i].bit) ext[m[i].bind] = m[i].p;
+    memset(e, 0, sizeof *e);
+    for (size_t i = 0; i < sizeof m / sizeof m[0]; i++) {
+        if (!(x->resident & m[i].bit)) continue;
+        /* a 16-bit buffer: widened into (narrowed from) the binding's own float32 buffer */
+        if ((x->res_f16 | x->res_bf16) & m[i].bit) e->h16[m[i].bind] = m[i].p, e->bf[m[i].bind] = !!(x->res_bf16 & m[i].bit);
+        else e->ext[m[i].bind] = m[i].p;
+    }
 }
 
 static int vk_forward(void *state, const kla_problem *p, kla_io *x)
 {
-    const vbuf *ext[NBIND];
-    ext_from(x, ext);
-    return vk_forward_impl(state, p, &x->algo, x->q, x->k, x->v, x->g, x->a, x->h0, x->o, x->ht, 0, ext);
+    extb ext;
+    ext_from(x, &ext);
+    return vk_forward_impl(state, p, &x->algo, x->q, x->k, x->v, x->g, x->a, x->h0, x->o, x->ht, 0, &ext);
 }
 
 static int vk_decode(void *state, const kla_problem *p, kla_io *x)
 {
     /* one token per sequence with h0 = ht = the state */
-    const vbuf *ext[NBIND];
-    ext_from(x, ext);
+    extb ext;
+    ext_from(x, &ext);
     x->algo = KLA_ALGO_RECURRENT;
-    return vk_forward_impl(state, p, &x->algo, x->q, x->k, x->v, x->g, x->a, x->state, x->o, x->state, 1, ext);
+    return vk_forward_impl(state, p, &x->algo, x->q, x->k, x->v, x->g, x->a, x->state, x->o, x->state, 1, &ext);
 }
 
 
@@ -915,7 +1031,7 @@ static int vk_decode_state(void *state, const kla_problem *p, kla_io *x)
 static int vk_backward_chunk(vkctx *c, const kla_problem *p, const void *q, const void *kk,
                              const void *v, const void *g, const void *a, const void *h0,
                              const void *dout, const void *dht, void *o, void *ht, void *dq,
-                             void *dk, void *dv, void *dg, void *da, void *dh0, const vbuf *const *ext)
+                             void *dk, void *dv, void *dg, void *da, void *dh0, const extb *ext)
 {
     const uint64_t shm = c->props.limits.maxComputeSharedMemorySize;
     uint32_t C = 64;
@@ -949,7 +1065,7 @@ static int vk_backward_chunk(vkctx *c, const kla_problem *p, const void *q, cons
         return r;
     }
     call k = { .c = c };
-    memcpy(k.ext, ext, sizeof k.ext);
+    take_ext(&k, ext);
     reset_bindings(c);
     const VkDeviceSize f = 4, nv = (VkDeviceSize)(P.total * P.HV * P.V) * f;
     const VkDeviceSize nst = (VkDeviceSize)(P.N * P.HV * P.K * P.V) * f;
@@ -1016,11 +1132,11 @@ static int vk_backward(void *state, const kla_problem *p, kla_io *x)
     const void *dht = x->dht;
     void *o = x->o, *ht = x->ht, *dq = x->dq, *dk = x->dk, *dv = x->dv, *dg = x->dg, *da = x->da;
     void *dh0 = x->dh0;
-    const vbuf *ext[NBIND];
-    ext_from(x, ext);
+    extb ext;
+    ext_from(x, &ext);
     if (x->algo != KLA_ALGO_RECURRENT) {
         x->algo = KLA_ALGO_CHUNK;
-        int r = vk_backward_chunk(c, p, q, kk, v, g, a, h0, dout, dht, o, ht, dq, dk, dv, dg, da, dh0, ext);
+        int r = vk_backward_chunk(c, p, q, kk, v, g, a, h0, dout, dht, o, ht, dq, dk, dv, dg, da, dh0, &ext);
         if (r != NO_CHUNK_FIT) return r;
     }
     x->algo = KLA_ALGO_RECURRENT;
@@ -1032,7 +1148,7 @@ static int vk_backward(void *state, const kla_problem *p, kla_io *x)
         return r;
     }
     call k = { .c = c };
-    memcpy(k.ext, ext, sizeof k.ext);
+    take_ext(&k, &ext);
     reset_bindings(c);
     const VkDeviceSize f = 4, nv = (VkDeviceSize)(P.total * P.HV * P.V) * f;
     const VkDeviceSize nst = (VkDeviceSize)(P.N * P.HV * P.K * P.V) * f;
@@ -1120,5 +1236,5 @@ const kla_backend kla_backend_vulkan = {
     .forward = vk_forward, .backward = vk_backward, .decode = vk_decode, .gpu_time = vk_gpu_time,
     .mem_new = vk_mem_new, .mem_free = vk_mem_free, .mem_copy = vk_mem_copy,
     .decode_state = vk_decode_state, .open_external = vk_open_external, .mem_wrap = vk_mem_wrap,
-    .mem_handle = vk_mem_handle,
+    .mem_handle = vk_mem_handle, .dev16 = 1,
 };

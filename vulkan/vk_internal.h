@@ -35,7 +35,8 @@ enum {
     F_CKPT = 256, F_TM = 512, F_DVI = 1024
 };
 
-#define NSTAMPS 10 /* start, then one after each of up to 8 dispatches, end */
+#define NSTAMPS 12 /* start, widen, one after each of up to 8 dispatches, narrow, end */
+#define NCONV 16   /* 16-bit tensors of one call (convert.comp) */
 
 typedef struct vbuf {
     VkBuffer buf;
@@ -77,6 +78,12 @@ typedef struct vkctx {
     VkPipelineLayout pl;
     VkDescriptorPool dpool;
     VkDescriptorSet set;
+    /* convert.comp: 16-bit tensors widened and narrowed, one set per conversion of a call */
+    VkDescriptorSetLayout conv_dsl;
+    VkPipelineLayout conv_pl;
+    VkPipeline conv_pipe;
+    VkShaderModule conv_mod;
+    VkDescriptorSet conv_set[NCONV];
     VkShaderModule mod[NSHADERS];
     vkpipe pipes[NPIPES];
     int npipes;
