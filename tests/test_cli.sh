@@ -875,6 +875,13 @@ fi
 if "$KLA" info | grep -Eq '^ +vulkan +built, usable'; then
     check "bench --backend vulkan: GPU and call time of every dispatch, host and resident, 1 pass" sh -c \
         "'$KLA' bench --backend vulkan $SMALL >b.json && '$PY' benchj.py b.json gpu 1"
+    check "bench --backend vulkan --storage bf16: resident rows widen and narrow on the GPU" sh -c \
+        "'$KLA' bench --backend vulkan $SMALL --storage bf16 --op forward >b.json && '$PY' -c \"
+import json; d = json.load(open('b.json')); r = {x['op']: x for x in d['rows']}
+s = list(r['forward chunk, resident']['dispatch_ms_mean'])
+assert d['storage'] == 'bf16' and s[0].endswith('widen') and s[-1].endswith('narrow'), s
+assert not any('widen' in k for k in r['forward chunk, host']['dispatch_ms_mean'])\""
+    usage_error "bench: --storage on a CPU backend is a usage error" bench --backend ref --storage bf16 $SMALL
     check "bench --backend vulkan: KLA_VULKAN_PASSES=02 is kept" sh -c \
         "KLA_VULKAN_PASSES=02 '$KLA' bench --backend vulkan $SMALL >b.json && '$PY' benchj.py b.json gpu 2"
     bad "bench: KLA_VULKAN_PASSES=0 is refused" 'KLA_VULKAN_PASSES=0: expected an integer in \[1, 16\]' \

@@ -48,6 +48,7 @@ typedef struct bopt {
     unsigned cpu;
     long vocab, d_model, n_layer, d_ff; /* --op train */
     int gdn, scaling;
+    KlaDtype storage; /* --storage: the resident rows' tensors (states stay F32) */
     unsigned set; /* which of --T --B --H --K --V --reps were given */
 } bopt;
 
@@ -315,6 +316,8 @@ typedef struct gfig {
 
 /* Every tensor of t as a KlaBuffer holding its host contents (outputs too: the decode
  * state is read); bufs[] receives them for freeing. */
+static KlaDtype g_storage = KLA_F32; /* --storage */
+
 static int to_buffers(KlaContext *ctx, KlaTensors *t, KlaBuffer **bufs, int *nb)
 {
     KlaIn *in[] = { &t->q, &t->k, &t->v, &t->g, &t->eta, &t->beta, &t->h0, &t->dout, &t->dht };
@@ -326,7 +329,9 @@ static int to_buffers(KlaContext *ctx, KlaTensors *t, KlaBuffer **bufs, int *nb)
                                          out[i - sizeof in / sizeof in[0]]->numel);
         if (!x.data) continue;
         KlaBuffer *b = NULL;
-        if (kla_buffer_new(ctx, KLA_F32, x.numel, &b) < 0 || kla_buffer_write(b, x) < 0) {
+        const void *p = isin ? (const void *)in[i] : (const void *)out[i - sizeof in / sizeof in[0]];
+        const int state = p == &t->h0 || p == &t->dht || p == &t->ht || p == &t->dh0 || p == &t->state;
+        if (kla_buffer_new(ctx, state ? KLA_F32 : g_storage, x.numel, &b) < 0 || kla_buffer_write(b, x) < 0) {
             kla_buffer_free(&b);
             return -1;
         }
@@ -441,17 +446,19 @@ static int bench_gpu(KlaContext *ctx, const bopt *b, int do_fwd, int do_bwd, int
     const int passes = (int)strtol(getenv("KLA_VULKAN_PASSES"), NULL, 10);
     if (b->json)
         printf("{\"backend\": \"%s\", \"B\": %ld, \"T\": %ld, \"H\": %ld, \"K\": %ld, \"V\": %ld, "
-               "\"N\": %ld, \"chunk\": %ld, \"reps\": %ld, \"passes\": %d, \"rows\": [",
-               kla_backend_name(ctx), b->B, b->T, b->H, b->K, b->V, b->N, b->chunk, b->reps, passes);
+               "\"N\": %ld, \"chunk\": %ld, \"reps\": %ld, \"passes\": %d, \"storage\": \"%s\", \"rows\": [",
+               kla_backend_name(ctx), b->B, b->T, b->H, b->K, b->V, b->N, b->chunk, b->reps, passes,
+               b->storage == KLA_BF16 ? "bf16" : b->storage == KLA_F16 ? "f16" : "f32");
     else {
         char desc[200];
         printf("kla bench: backend %s (GPU), B=%ld T=%ld H=%ld K=%ld V=%ld, chunk %ld, %ld timed calls each\n"
                "  %s\n"
                "  GPU ms: a call's dispatches%s; call ms: the whole call (wall), median; host: tensors\n"
-               "  in host memory, copied by each call; resident: KlaBuffers, calls back to back\n"
+               "  in host memory, copied by each call; resident: KlaBuffers (%s, states f32), calls back to back\n"
                "  %-38s %9s %9s %10s %8s   %s\n",
                kla_backend_name(ctx), b->B, b->T, b->H, b->K, b->V, b->chunk, b->reps,
                kla_describe(ctx, desc, sizeof desc), passes > 1 ? " (the last of KLA_VULKAN_PASSES passes)" : "",
+               b->storage == KLA_BF16 ? "bf16" : b->storage == KLA_F16 ? "f16" : "f32",
                "operation", "GPU ms", "(min)", "call ms", "call/GPU", "GPU ms per dispatch (mean)");
     }
     prob P;
@@ -570,6 +577,7 @@ static int usage(const char *msg)
             "usage: kla bench [--backend B] [--T n] [--B n] [--H n] [--K n] [--V n] [--N n]\n"
             "                 [--threads n] [--algo auto|recurrent|chunk] [--chunk C] [--reps n]\n"
             "                 [--cpu MASK] [--ref-T n] [--op all|forward|backward|decode] [--json]\n"
+            "                 [--storage f32|bf16|f16]\n"
             "       kla bench --in FILE [--backend B] [--threads n] [--algo A] [--chunk C] [--reps n]\n"
             "                 [--cpu MASK] [--op forward|backward]\n"
             "  forward/backward on B x T tokens of H heads (K, V), decode of 1 and N sequences.\n"
@@ -581,13 +589,14 @@ static int usage(const char *msg)
             "  --in FILE    time forward (and backward, when FILE has do) on the problem of FILE\n"
             "  --cpu MASK   allowed CPU levels: a number (1 AVX2+FMA, 2 AVX-512, 4 NEON, 0 plain C)\n"
             "               or names joined by ',' (avx2, avx512, neon, none)\n"
-            "  --ref-T n    T for the ratio to the ref backend (default min(T, 256))\n");
+            "  --ref-T n    T for the ratio to the ref backend (default min(T, 256))\n"
+            "  --storage D  GPU: the resident rows' tensors in D (states stay f32)\n");
     return 2;
 }
 
 int kla_bench_main(int argc, char **argv)
 {
-    bopt b = { "simd", "all", NULL, 4096, 1, 16, 128, 128, 16, 5, 0, 64, 0, KLA_ALGO_AUTO, 0, KLA_CPU_ALL, 0, 0, 0, 0, 0, 0, 0 };
+    bopt b = { "simd", "all", NULL, 4096, 1, 16, 128, 128, 16, 5, 0, 64, 0, KLA_ALGO_AUTO, 0, KLA_CPU_ALL, 0, 0, 0, 0, 0, 0, KLA_F32, 0 };
     if (kla_backend_available("simd") != 1) b.backend = NULL;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -621,6 +630,11 @@ int kla_bench_main(int argc, char **argv)
                 return usage("bad --cpu: a number of KLA_CPU_* bits or names (avx2, avx512, neon, none)");
         } else if (!strcmp(a, "--in")) {
             b.in = v;
+        } else if (!strcmp(a, "--storage")) {
+            if (!strcmp(v, "f32")) b.storage = KLA_F32;
+            else if (!strcmp(v, "bf16")) b.storage = KLA_BF16;
+            else if (!strcmp(v, "f16")) b.storage = KLA_F16;
+            else return usage("bad --storage: f32, bf16 or f16");
         } else if (!strcmp(a, "--backend")) {
             b.backend = v;
         } else if (!strcmp(a, "--op")) {
@@ -669,6 +683,8 @@ int kla_bench_main(int argc, char **argv)
     if (nthreads == 0) nthreads = 1;
 #endif
     const int gpu = b.backend && !strcmp(b.backend, "vulkan");
+    g_storage = b.storage;
+    if (b.storage != KLA_F32 && !gpu) return usage("--storage is for --backend vulkan");
     if (gpu) setenv("KLA_VULKAN_PASSES", "1", 0); /* see the top of the file; the user's value stands */
     KlaContext *ctx = open_ctx(b.backend, b.threads, b.cpu);
     if (!ctx) return 1;
