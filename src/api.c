@@ -865,9 +865,12 @@ static void locate_recurrent(KlaContext *ctx, const kla_problem *p, const kla_io
     char first[512];
     snprintf(first, sizeof first, "%s", ctx->detail);
     if (!o) return;
+    const unsigned ins = KLA_R_Q | KLA_R_K | KLA_R_V | KLA_R_G | KLA_R_A;
     kla_io x = { .algo = KLA_ALGO_RECURRENT, .q = io->q, .k = io->k, .v = io->v, .g = io->g, .a = io->a,
                  .h0 = io->h0, .g_atk = io->g_atk, .beta_atk = io->beta_atk,
-                 .log_atk_scale = io->log_atk_scale, .a0 = io->a0, .o = o };
+                 .log_atk_scale = io->log_atk_scale, .a0 = io->a0, .o = o,
+                 .resident = io->resident & ins & ~(KLA_R_O), .res_f16 = io->res_f16 & ins,
+                 .res_bf16 = io->res_bf16 & ins, .host_f16 = io->host_f16 & ins, .host_bf16 = io->host_bf16 & ins };
     int r = ctx->be->forward(ctx->state, p, &x);
     ctx->detail[0] = 0;
     if (r == 0 && check_finite_out(ctx, &so[O_O], o, ctx->be->real) == KLA_ERANGE) {
@@ -911,6 +914,14 @@ static int leave(KlaContext *ctx, int r)
  * finite (two -3.4e38 make -inf, and -inf - -inf a NaN). The caller's g is not changed:
  * a copy is floored when needed. */
 #define G_FLOOR (-1e4)
+
+/* any element of a host tensor below x */
+static int below(KlaIn in, int64_t n, double x)
+{
+    for (int64_t i = 0; i < n; i++)
+        if (kla__get_real(in.data, in.dtype, i) < x) return 1;
+    return 0;
+}
 static int floor_g(buf *b, KlaIn in, int64_t n, KlaDtype R)
 {
     if (!b->ptr || in.buffer) return 0; /* a device buffer: the caller's (kla.h) */
@@ -1033,10 +1044,30 @@ static int run_checked(KlaContext *ctx, const KlaShape *shape, const KlaOptions 
     gather(t, opt->mode == KLA_MODE_KLA, ins, outs);
     buf bi[NIN] = { { 0 } }, bo[NOUT] = { { 0 } };
 
-    for (int i = 0; i < NIN && !r; i++) r = in_buf(ins[i], si[i].n, R, &z, si[i].vk, &bi[i]);
-    if (!r) r = floor_g(&bi[I_G], ins[I_G], si[I_G].n, R);
+    /* 16-bit host tensors go to a backend that widens on its device (dev16) as they are,
+     * but states, and a g that needs flooring */
+    unsigned raw16[2] = { 0, 0 };
+    static const struct { int slot, out; unsigned bit; } r16map[] = {
+        { I_Q, 0, KLA_R_Q }, { I_K, 0, KLA_R_K }, { I_V, 0, KLA_R_V }, { I_G, 0, KLA_R_G }, { I_A, 0, KLA_R_A },
+        { I_DO, 0, KLA_R_DO }, { O_O, 1, KLA_R_O }, { O_DQ, 1, KLA_R_DQ }, { O_DK, 1, KLA_R_DK },
+        { O_DV, 1, KLA_R_DV }, { O_DG, 1, KLA_R_DG }, { O_DA, 1, KLA_R_DA } };
+    for (size_t i = 0; ctx->be->dev16 && opt->gate == KLA_GATE_HEAD && i < sizeof r16map / sizeof r16map[0]; i++) {
+        const int sl = r16map[i].slot;
+        const KlaDtype dt = r16map[i].out ? outs[sl].dtype : ins[sl].dtype;
+        const void *d = r16map[i].out ? (const void *)outs[sl].data : ins[sl].data;
+        const int buffer = r16map[i].out ? outs[sl].buffer != NULL : ins[sl].buffer != NULL;
+        if (!d || buffer || (dt != KLA_F16 && dt != KLA_BF16)) continue;
+        if (!r16map[i].out && sl == I_G && below(ins[sl], si[sl].n, G_FLOOR)) continue;
+        raw16[dt == KLA_BF16] |= r16map[i].bit;
+        if (r16map[i].out) bo[sl].ptr = outs[sl].data;
+        else bi[sl].ptr = (void *)ins[sl].data;
+    }
+    for (int i = 0; i < NIN && !r; i++)
+        if (!bi[i].ptr) r = in_buf(ins[i], si[i].n, R, &z, si[i].vk, &bi[i]);
+    if (!r && !((raw16[0] | raw16[1]) & KLA_R_G)) r = floor_g(&bi[I_G], ins[I_G], si[I_G].n, R);
     if (!r) r = floor_g(&bi[I_GATK], ins[I_GATK], si[I_GATK].n, R);
-    for (int i = 0; i < NOUT && !r; i++) r = out_buf(outs[i], so[i].n, R, so[i].vk, &bo[i]);
+    for (int i = 0; i < NOUT && !r; i++)
+        if (!bo[i].ptr) r = out_buf(outs[i], so[i].n, R, so[i].vk, &bo[i]);
     /* the decode state is read as well as written */
     if (!r && op == OP_DECODE && bo[O_STATE].owned) {
         if (vk) transpose(t->state.data, t->state.dtype, bo[O_STATE].owned, R, z.N * z.HV, z.V, z.K);
@@ -1057,7 +1088,7 @@ static int run_checked(KlaContext *ctx, const KlaShape *shape, const KlaOptions 
                       .at = bo[O_AT].ptr, .dg_atk = bo[O_DGATK].ptr, .dbeta_atk = bo[O_DBATK].ptr,
                       .dlog_atk_scale = bo[O_DLATK].ptr, .da0 = bo[O_DA0].ptr, .state = bo[O_STATE].ptr,
                       .astate = bo[O_ASTATE].ptr, .resident = resident, .res_f16 = r16[0],
-                      .res_bf16 = r16[1] };
+                      .res_bf16 = r16[1], .host_f16 = raw16[0], .host_bf16 = raw16[1] };
         void *st = ctx->state;
         if (op == OP_FORWARD) r = ctx->be->forward(st, &p, &io);
         else if (op == OP_BACKWARD) r = ctx->be->backward(st, &p, &io);
@@ -1071,7 +1102,9 @@ static int run_checked(KlaContext *ctx, const KlaShape *shape, const KlaOptions 
          * state of a KlaState is checked through o */
         int bad = -1;
         for (int i = 0; i < NOUT && !r; i++)
-            if (!outs[i].buffer && (r = check_finite_out(ctx, &so[i], bo[i].ptr, R))) bad = i;
+            if (!outs[i].buffer &&
+                (r = check_finite_out(ctx, &so[i], bo[i].ptr, bo[i].ptr == outs[i].data ? outs[i].dtype : R)))
+                bad = i;
         /* a chunkwise run spreads a non-finite value over its chunk, earlier tokens too:
          * the recurrent algorithm on the same inputs names the token where it arose */
         if (r == KLA_ERANGE && (bad == O_O || bad == O_HT) && io.algo == KLA_ALGO_CHUNK)

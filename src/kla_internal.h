@@ -33,6 +33,9 @@ typedef struct kla_io {
     /* of those, KLA_R_* bits of tensors held in 16 bits (IEEE binary16, bfloat16); only
      * for backends with dev16 */
     unsigned res_f16, res_bf16;
+    /* KLA_R_* bits of host tensors passed in 16 bits as the caller gave them (uint16_t
+     * data), never states; only for backends with dev16 */
+    unsigned host_f16, host_bf16;
 } kla_io;
 
 enum {

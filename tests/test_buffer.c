@@ -155,6 +155,41 @@ static void check_16bit(KlaContext *ctx, const char *be, int dev)
                  "%s values, rounded, bit for bit", dn, dn);
         snprintf(msg, sizeof msg, "rc %d %s", r, kla_error_detail(ctx));
         ok(!r && eq, be, what, msg);
+        /* the same with 16-bit host tensors (vulkan: uploaded in 16 bits, widened and
+         * narrowed on the GPU; the CPU backends: on the host) */
+        uint16_t *hb[12];
+        for (int i = 0; i < 12; i++) hb[i] = calloc((size_t)n[i], 2);
+        for (int i = 0; i < 6; i++) memcpy(hb[i], want[i], (size_t)n[i] * 2);
+        KlaTensors t16 = { .q = KLA_IN(hb[0], dt, n[0]), .k = KLA_IN(hb[1], dt, n[1]), .v = KLA_IN(hb[2], dt, n[2]),
+                           .g = KLA_IN(hb[3], dt, n[3]), .eta = KLA_IN(hb[4], dt, n[4]), .dout = KLA_IN(hb[5], dt, n[5]),
+                           .o = KLA_OUT(hb[6], dt, n[6]), .dq = KLA_OUT(hb[7], dt, n[7]), .dk = KLA_OUT(hb[8], dt, n[8]),
+                           .dv = KLA_OUT(hb[9], dt, n[9]), .dg = KLA_OUT(hb[10], dt, n[10]),
+                           .deta = KLA_OUT(hb[11], dt, n[11]) };
+        int r2 = kla_backward(ctx, &s, &opt, &t16), eq2 = 1;
+        for (int i = 0; i < 12; i++) eq2 &= !memcmp(hb[i], want[i], (size_t)n[i] * 2);
+        if (dev && !r2) { /* the GPU widened and narrowed them (its timestamps name the passes) */
+            double ms[16];
+            const char *nm[16];
+            const int ng = kla_gpu_time(ctx, ms, nm, 16);
+            ok(ng >= 3 && !strcmp(nm[1], "widen") && !strcmp(nm[ng - 1], "narrow"), be,
+               "16-bit host tensors are widened and narrowed on the GPU", ng >= 2 ? nm[1] : "no GPU time");
+        }
+        snprintf(what, sizeof what, "%s host tensors in and out equal the float32 backward on the %s values, "
+                 "rounded, bit for bit", dn, dn);
+        snprintf(msg, sizeof msg, "rc %d %s", r2, kla_error_detail(ctx));
+        ok(!r2 && eq2, be, what, msg);
+        /* and a forward with 16-bit host inputs, float32 output: as the float32 forward */
+        float *o32 = calloc((size_t)n[6], 4), *o16 = calloc((size_t)n[6], 4);
+        KlaTensors tf = { .q = KLA_F32_IN(w[0], n[0]), .k = KLA_F32_IN(w[1], n[1]), .v = KLA_F32_IN(w[2], n[2]),
+                          .g = KLA_F32_IN(w[3], n[3]), .eta = KLA_F32_IN(w[4], n[4]), .o = KLA_F32_OUT(o32, n[6]) };
+        r2 = kla_forward(ctx, &s, &opt, &tf);
+        tf.q = t16.q, tf.k = t16.k, tf.v = t16.v, tf.g = t16.g, tf.eta = t16.eta, tf.o = KLA_F32_OUT(o16, n[6]);
+        if (!r2) r2 = kla_forward(ctx, &s, &opt, &tf);
+        snprintf(what, sizeof what, "%s host inputs with a float32 output equal the float32 forward, bit for bit", dn);
+        snprintf(msg, sizeof msg, "rc %d %s", r2, kla_error_detail(ctx));
+        ok(!r2 && !memcmp(o32, o16, (size_t)n[6] * 4), be, what, msg);
+        free(o32), free(o16);
+        for (int i = 0; i < 12; i++) free(hb[i]);
         if (dev) {
             KlaBuffer *h0 = NULL;
             kla_buffer_new(ctx, dt, (int64_t)H1 * K1 * V1, &h0);

@@ -195,7 +195,7 @@ static void vk_close(void *state)
         for (int i = 0; i < c->npipes; i++) vkDestroyPipeline(c->dev, c->pipes[i].pipe, NULL);
         for (int i = 0; i < NSHADERS; i++)
             if (c->mod[i]) vkDestroyShaderModule(c->dev, c->mod[i], NULL);
-        for (int i = 0; i < NBIND; i++) buf_free(c, &c->b[i]);
+        for (int i = 0; i < NBIND; i++) buf_free(c, &c->b[i]), buf_free(c, &c->b16[i]);
         buf_free(c, &c->staging);
         if (c->dpool) vkDestroyDescriptorPool(c->dev, c->dpool, NULL);
         if (c->conv_pipe) vkDestroyPipeline(c->dev, c->conv_pipe, NULL);
@@ -481,7 +481,7 @@ static int vk_setup(vkctx *c, void **state, char *err, size_t errlen)
 /* ---- one call: uploads, dispatches, downloads ---------------------------------------- */
 
 typedef struct xfer {
-    int bind;
+    vbuf *b; /* the device side */
     void *host; /* source (upload) or destination (download) */
     VkDeviceSize bytes, off; /* off: in the staging buffer */
 } xfer;
@@ -501,6 +501,7 @@ typedef struct call {
      * buffer is widened from it (inputs) or narrowed into it (outputs) by convert.comp */
     const vbuf *h16[NBIND];
     unsigned char bf[NBIND]; /* 1: bfloat16, 0: binary16 */
+    unsigned char host16[NBIND]; /* a host tensor in 16 bits (bf[] says which) */
     struct { int bind, out; int64_t n; } conv[NCONV];
     int nconv;
 } call;
@@ -508,7 +509,7 @@ typedef struct call {
 /* the caller's buffers of a call, by binding (ext_from) */
 typedef struct extb {
     const vbuf *ext[NBIND], *h16[NBIND];
-    unsigned char bf[NBIND];
+    unsigned char bf[NBIND], host16[NBIND];
 } extb;
 
 static void take_ext(call *k, const extb *e)
@@ -516,6 +517,7 @@ static void take_ext(call *k, const extb *e)
     memcpy(k->ext, e->ext, sizeof k->ext);
     memcpy(k->h16, e->h16, sizeof k->h16);
     memcpy(k->bf, e->bf, sizeof k->bf);
+    memcpy(k->host16, e->host16, sizeof k->host16);
 }
 
 /* A conversion between binding `bind`'s float32 buffer and its 16-bit one. */
@@ -545,20 +547,39 @@ static int need(call *k, int bind, VkDeviceSize bytes)
     return r;
 }
 
+/* A host tensor in 16 bits (k->host16): its bytes go to the binding's 16-bit buffer,
+ * widened (or narrowed from) on the GPU like a 16-bit KlaBuffer. */
+static int host16(call *k, int bind, VkDeviceSize bytes)
+{
+    vkctx *c = k->c;
+    int r = buf_ensure(c, &c->b16[bind], (bytes / 2 + 3) & ~(VkDeviceSize)3, c->direct);
+    if (!r) k->h16[bind] = &c->b16[bind];
+    return r;
+}
+
 static int upload(call *k, int bind, const void *host, VkDeviceSize bytes)
 {
     int r = need(k, bind, bytes);
     if (r || !host || k->ext[bind]) return r;
+    if (k->host16[bind]) {
+        if ((r = host16(k, bind, bytes))) return r;
+        k->up[k->nup++] = (xfer){ &k->c->b16[bind], (void *)host, bytes / 2, 0 };
+    }
     if (k->h16[bind]) return add_conv(k, bind, 0, bytes);
-    k->up[k->nup++] = (xfer){ bind, (void *)host, bytes, 0 };
+    k->up[k->nup++] = (xfer){ &k->c->b[bind], (void *)host, bytes, 0 };
     return 0;
 }
 
 static int download(call *k, int bind, void *host, VkDeviceSize bytes)
 {
     if (!host || k->ext[k->c->alias[bind]]) return 0;
+    if (k->host16[bind]) {
+        int r = host16(k, bind, bytes);
+        if (r) return r;
+        k->down[k->ndown++] = (xfer){ &k->c->b16[bind], host, bytes / 2, 0 };
+    }
     if (k->h16[bind]) return add_conv(k, bind, 1, bytes);
-    k->down[k->ndown++] = (xfer){ bind, host, bytes, 0 };
+    k->down[k->ndown++] = (xfer){ &k->c->b[k->c->alias[bind]], host, bytes, 0 };
     return 0;
 }
 
@@ -572,7 +593,7 @@ static int begin(call *k)
     if (!c->direct && st && buf_ensure(c, &c->staging, st, 1)) return KLA_ENOMEM;
     for (int i = 0; i < k->nup; i++) {
         const xfer *x = &k->up[i];
-        void *dst = c->direct ? c->b[x->bind].map : (char *)c->staging.map + x->off;
+        void *dst = c->direct ? x->b->map : (char *)c->staging.map + x->off;
         memcpy(dst, x->host, (size_t)x->bytes);
     }
     VkDescriptorBufferInfo bi[NBIND];
@@ -605,7 +626,7 @@ static int begin(call *k)
     if (!c->direct && k->nup) {
         for (int i = 0; i < k->nup; i++) {
             VkBufferCopy bc = { k->up[i].off, 0, k->up[i].bytes };
-            vkCmdCopyBuffer(c->cb, c->staging.buf, c->b[k->up[i].bind].buf, 1, &bc);
+            vkCmdCopyBuffer(c->cb, c->staging.buf, k->up[i].b->buf, 1, &bc);
         }
         barrier(c->cb, VK_PIPELINE_STAGE_TRANSFER_BIT, VK_ACCESS_TRANSFER_WRITE_BIT,
                 VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, VK_ACCESS_SHADER_READ_BIT | VK_ACCESS_SHADER_WRITE_BIT);
@@ -702,7 +723,7 @@ static int finish(call *k)
                 VK_PIPELINE_STAGE_TRANSFER_BIT, VK_ACCESS_TRANSFER_READ_BIT);
         for (int i = 0; i < k->ndown; i++) {
             VkBufferCopy bc = { 0, k->down[i].off, k->down[i].bytes };
-            vkCmdCopyBuffer(c->cb, c->b[c->alias[k->down[i].bind]].buf, c->staging.buf, 1, &bc);
+            vkCmdCopyBuffer(c->cb, k->down[i].b->buf, c->staging.buf, 1, &bc);
         }
         barrier(c->cb, VK_PIPELINE_STAGE_TRANSFER_BIT, VK_ACCESS_TRANSFER_WRITE_BIT,
                 VK_PIPELINE_STAGE_HOST_BIT, VK_ACCESS_HOST_READ_BIT);
@@ -730,7 +751,7 @@ static int finish(call *k)
     }
     for (int i = 0; i < k->ndown; i++) {
         const xfer *x = &k->down[i];
-        const void *src = c->direct ? c->b[c->alias[x->bind]].map : (char *)c->staging.map + x->off;
+        const void *src = c->direct ? x->b->map : (char *)c->staging.map + x->off;
         memcpy(x->host, src, (size_t)x->bytes);
     }
     return 0;
@@ -985,6 +1006,10 @@ static void ext_from(const kla_io *x, extb *e)
     };
     memset(e, 0, sizeof *e);
     for (size_t i = 0; i < sizeof m / sizeof m[0]; i++) {
+        if ((x->host_f16 | x->host_bf16) & m[i].bit) {
+            e->host16[m[i].bind] = 1, e->bf[m[i].bind] = !!(x->host_bf16 & m[i].bit);
+            continue;
+        }
         if (!(x->resident & m[i].bit)) continue;
         /* a 16-bit buffer: widened into (narrowed from) the binding's own float32 buffer */
         if ((x->res_f16 | x->res_bf16) & m[i].bit) e->h16[m[i].bind] = m[i].p, e->bf[m[i].bind] = !!(x->res_bf16 & m[i].bit);

@@ -97,6 +97,7 @@ typedef struct vkctx {
     int passes;   /* KLA_VULKAN_PASSES: forward/backward dispatches recorded n times, last timed */
     uint32_t dev_type_local, host_type;
     vbuf b[NBIND];
+    vbuf b16[NBIND]; /* host tensors in 16 bits, as uploaded (or to be downloaded) */
     vbuf staging;
     /* per call: bytes used by each binding, staging transfers */
     VkDeviceSize used[NBIND];
