@@ -678,6 +678,21 @@ cp badname.st gdir3/y_badname.safetensors
 if [ $rc -eq 1 ] && grep -q 'initial_state' err.txt; then ok "golden check uses the same loader (unknown names refused)"
 else nok "golden check uses the same loader (unknown names refused) (rc $rc)"; fi
 
+# --inputs bf16|f16: the inputs rounded (errors at the 16-bit level, not float32's), judged
+# by the bf16 set; on vulkan they travel in 16 bits and are widened on the GPU
+for be16 in ref vulkan; do
+    if [ $be16 = vulkan ] && ! "$KLA" info | grep -Eq '^ +vulkan +built, usable'; then continue; fi
+    for d16 in bf16 f16; do
+        "$KLA" golden check --backend $be16 --dir "$SRC/golden" --inputs $d16 --cases 'kla_B1_T2*' \
+            >out.txt 2>err.txt; rc=$?
+        if [ $rc -eq 0 ] && grep -q "inputs rounded to $d16 (the bf16 tolerance set)" out.txt &&
+            grep -Eq 'forward/chunk +o +PASS +rel_rmse [0-9.]+e-0[2-4] .*\(tol 0\.02\)' out.txt &&
+            ! grep -q FAIL out.txt; then ok "golden check --backend $be16 --inputs $d16: rounded inputs, bf16 set"
+        else nok "golden check --backend $be16 --inputs $d16: rounded inputs, bf16 set (rc $rc)"; fi
+    done
+done
+usage_error "golden check --inputs bogus: a usage error" golden check --inputs bogus
+
 # ---- bench --in: a problem from a file through the same loader ---------------------------
 check "bench --in FILE times forward and backward" sh -c "'$KLA' bench --in grad_kla.st --reps 1 --backend ref | grep -q backward"
 bad "bench --in: a bad file is refused by the loader" 'badname\.st.*initial_state' "$KLA" bench --in badname.st --backend ref

@@ -1343,13 +1343,15 @@ static int cmd_check(const char *backend, const char *glob, const char *dir)
 
 static const char usage[] =
     "usage: kla golden generate DIR\n"
-    "       kla golden check [--backend B] [--cases GLOB] [--dir DIR]\n"
+    "       kla golden check [--backend B] [--cases GLOB] [--dir DIR] [--inputs f32|bf16|f16]\n"
     "generate: writes every golden case (inputs F32 from splitmix64 streams, expected\n"
     "  outputs and gradients F64 from backend ref64) and DIR/MANIFEST.json; case files no\n"
     "  longer in the set are removed. docs/golden.md describes the generator.\n"
     "check: runs backend B (default ref) on every case of DIR (default $KLA_GOLDEN or\n"
     "  golden): forward with both algorithms, backward with both, decode; prints a line\n"
     "  per case, run and tensor (rel_rmse, max abs error and where), then a summary.\n"
+    "  --inputs bf16|f16: every real input rounded to it and passed as 16-bit tensors,\n"
+    "  judged by the bf16 tolerance set.\n"
     "  Tolerances: the case's float32 set (tol_float32 in its metadata = MANIFEST.json).\n"
     "  Exit 0 if everything passes, 1 otherwise.\n"
     "  --cases GLOB   only cases whose name matches (fnmatch), e.g. 'kla_*_h0*'\n"
@@ -1409,7 +1411,7 @@ int golden_main(int argc, char **argv)
             else if (!strcmp(val, "bf16")) g_inputs = KLA_BF16;
             else if (!strcmp(val, "f16")) g_inputs = KLA_F16;
             else {
-                fprintf(stderr, "kla golden check: --inputs %s: expected f32, bf16 or f16\n", val);
+                fprintf(stderr, "kla golden check: --inputs %s: expected f32, bf16 or f16\n%s", val, usage);
                 return 2;
             }
         }
