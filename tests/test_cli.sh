@@ -499,6 +499,39 @@ for c in grad_kla grad_gdn; do
         "'$KLA' backward --backend ref $c.st -o $c.r32.st &&
          '$KLA' verify $c.r32.st --against $c.out.st"
 done
+# 16-bit files through backward and verify: grad_kla's tensors rounded to F16 (g stays
+# F64: its tiny values), the same values written as F32; backward on each gives the same
+# bits (ref; vulkan where usable, which moves the F16 tensors in 16 bits and widens them on
+# the GPU); an F16 copy of the outputs verifies against the F32 ones at the 16-bit level
+if "$PY" - <<'EOF' >out.txt 2>&1
+import struct
+from gen import read, write
+ts, meta = read("grad_kla.st")
+t16, t32 = [], []
+for name, (dt, shape, vals) in ts.items():
+    if dt in ("F32", "F64") and name != "g":
+        r = list(struct.unpack("<%de" % len(vals), struct.pack("<%de" % len(vals), *vals)))
+        t16.append((name, "F16", shape, r)); t32.append((name, "F32", shape, r))
+    else:
+        t16.append((name, dt, shape, vals)); t32.append((name, dt, shape, vals))
+write("g16.st", t16, meta); write("g16as32.st", t32, meta)
+EOF
+then
+    for be16 in ref vulkan; do
+        if [ $be16 = vulkan ] && ! "$KLA" info | grep -Eq '^ +vulkan +built, usable'; then continue; fi
+        check "backward --backend $be16 on an F16 file: the F32 file's result bit for bit" sh -c \
+            "'$KLA' backward --backend $be16 g16.st -o g16.out.st && '$KLA' backward --backend $be16 g16as32.st -o g32.out.st &&
+             '$KLA' verify g16.out.st --against g32.out.st --tol 0"
+    done
+    if "$PY" - <<'EOF' >out.txt 2>&1 && "$KLA" verify g16o.st --against g32.out.st --tol 1e-3 >out.txt 2>&1 &&
+from gen import read, write
+ts, meta = read("g32.out.st")
+write("g16o.st", [(n, "F16", sh, v) for n, (dt, sh, v) in ts.items()], meta)
+EOF
+        ! "$KLA" verify g16o.st --against g32.out.st --tol 1e-6 >/dev/null 2>&1; then
+        ok "verify reads an F16 file of outputs (passes at 1e-3, fails at 1e-6)"
+    else nok "verify reads an F16 file of outputs (passes at 1e-3, fails at 1e-6)"; fi
+else nok "16-bit copies of grad_kla written"; sed 's/^/# /' out.txt; fi
 if gen names grad_kla.out.st >out.txt && grep -qx 'deta dg dh0 dk dq dv ht o' out.txt; then
     ok "backward kla output: o ht dq dk dv dg deta dh0"; else nok "backward kla output: o ht dq dk dv dg deta dh0"; fi
 if gen names grad_gdn.out.st >out.txt && grep -qx 'dbeta dg dh0 dk dq dv ht o' out.txt; then
