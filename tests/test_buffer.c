@@ -545,8 +545,57 @@ done:
     kla_close(&ctx);
 }
 
+/* NULLs and nonsense at every new entry point: an error, never a crash */
+static void check_misuse(void)
+{
+    KlaContext *ctx = NULL;
+    KlaParams p;
+    kla_default_params(&p);
+    p.backend = "ref";
+    kla_open(&ctx, &p);
+    KlaBuffer *b = (KlaBuffer *)1;
+    int ok1 = kla_buffer_new(NULL, KLA_F32, 4, &b) == KLA_EINVAL && b == NULL;
+    ok1 &= kla_buffer_new(ctx, KLA_F32, 4, NULL) == KLA_EINVAL;
+    ok1 &= kla_buffer_new(ctx, (KlaDtype)99, 4, &b) == KLA_EINVAL && strstr(kla_error_detail(ctx), "dtype 99");
+    ok1 &= kla_buffer_new(ctx, KLA_I32, 4, &b) == KLA_EINVAL;
+    ok1 &= kla_buffer_new(ctx, KLA_F32, -5, &b) == KLA_EINVAL;
+    ok1 &= kla_buffer_new(ctx, KLA_F32, INT64_MAX, &b) < 0;
+    ok1 &= kla_buffer_write(NULL, KLA_F32_IN(NULL, 0)) == KLA_EINVAL && kla_buffer_read(NULL, KLA_F32_OUT(NULL, 0)) == KLA_EINVAL;
+    kla_buffer_free(NULL);
+    ok1 &= kla_buffer_numel(NULL) == 0 && kla_buffer_vulkan_handle(NULL, NULL, NULL) == KLA_EINVAL;
+    float x[4] = { 1, 2, 3, 4 };
+    if (kla_buffer_new(ctx, KLA_F32, 4, &b) == 0) {
+        ok1 &= kla_buffer_write(b, KLA_F32_IN(NULL, 4)) == KLA_EINVAL && strstr(kla_error_detail(ctx), "src is NULL");
+        ok1 &= kla_buffer_read(b, KLA_F32_OUT(NULL, 4)) == KLA_EINVAL;
+        ok1 &= kla_buffer_write(b, KLA_IN(x, (KlaDtype)42, 4)) == KLA_EINVAL;
+        ok1 &= kla_buffer_write(b, KLA_BUF_IN(b)) == KLA_EINVAL && strstr(kla_error_detail(ctx), "host memory");
+        ok1 &= kla_buffer_wrap_vulkan(ctx, 1234, 0, KLA_F32, 4, &b) == KLA_EINVAL; /* ref takes no VkBuffer */
+        kla_buffer_free(&b);
+        ok1 &= b == NULL;
+    }
+    ok1 &= kla_buffer_wrap_vulkan(NULL, 1, 0, KLA_F32, 4, &b) == KLA_EINVAL;
+    KlaContext *vc = (KlaContext *)1;
+    ok1 &= kla_open_vulkan(NULL, NULL, NULL) == KLA_EINVAL;
+    const int rv = kla_open_vulkan(&vc, NULL, NULL);
+    ok1 &= vc == NULL && (rv == KLA_EINVAL || rv == KLA_ENOSYS) && kla_error_detail(NULL)[0];
+    KlaVulkanDevice d = { 0 };
+    ok1 &= kla_open_vulkan(&vc, NULL, &d) < 0 && vc == NULL;
+    /* a required tensor given as KLA_BUF_IN(NULL) is missing */
+    const KlaShape s = { .B = 1, .T = 1, .H = 1, .HV = 1, .K = 2, .V = 2 };
+    KlaOptions opt;
+    kla_default_options(&opt);
+    float o[2];
+    KlaTensors t = { .q = KLA_BUF_IN(NULL), .k = KLA_F32_IN(x, 2), .v = KLA_F32_IN(x, 2), .eta = KLA_F32_IN(x, 1),
+                     .o = KLA_F32_OUT(o, 2) };
+    ok1 &= kla_forward(ctx, &s, &opt, &t) == KLA_EINVAL && strstr(kla_error_detail(ctx), "tensor q: missing");
+    ok(ok1, "api", "NULLs and nonsense at the buffer and device-sharing entry points: errors, no crash",
+       kla_error_detail(ctx));
+    kla_close(&ctx);
+}
+
 int main(void)
 {
+    check_misuse();
     for (const char *const *be = kla_backend_list(); *be; be++) run_backend(*be);
     if (kla__vulkan_messages) ok(kla__vulkan_messages() == 0, "vulkan", "no validation-layer messages", "");
     printf("1..%d\n# %d passed, %d failed\n", n_test, n_test - n_fail, n_fail);
