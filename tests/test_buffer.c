@@ -569,7 +569,8 @@ static void check_misuse(void)
         ok1 &= kla_buffer_read(b, KLA_F32_OUT(NULL, 4)) == KLA_EINVAL;
         ok1 &= kla_buffer_write(b, KLA_IN(x, (KlaDtype)42, 4)) == KLA_EINVAL;
         ok1 &= kla_buffer_write(b, KLA_BUF_IN(b)) == KLA_EINVAL && strstr(kla_error_detail(ctx), "host memory");
-        ok1 &= kla_buffer_wrap_vulkan(ctx, 1234, 0, KLA_F32, 4, &b) == KLA_EINVAL; /* ref takes no VkBuffer */
+        KlaBuffer *w = NULL;
+        ok1 &= kla_buffer_wrap_vulkan(ctx, 1234, 0, KLA_F32, 4, &w) == KLA_EINVAL && !w; /* ref takes no VkBuffer */
         kla_buffer_free(&b);
         ok1 &= b == NULL;
     }
