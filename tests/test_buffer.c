@@ -513,6 +513,29 @@ static void run_backend(const char *be)
             uint64_t vb = 0, off = 1;
             ok(kla_buffer_vulkan_handle(b[Q], &vb, &off) == 0 && vb && off == 0, be,
                "kla_buffer_vulkan_handle gives the VkBuffer behind a buffer", "");
+            /* the sequence offsets stay on the device between calls on the same sequences:
+             * alternating two packings of the same N must each give ref's result */
+            KlaContext *rc = NULL;
+            KlaParams rp;
+            kla_default_params(&rp);
+            rp.backend = "ref";
+            int good = kla_open(&rc, &rp) == 0;
+            const KlaShape sv = { .B = 1, .T = T, .H = H, .HV = HV, .K = K, .V = V, .N = 2 };
+            const int32_t cus[2][3] = { { 0, 15, T }, { 0, 25, T } };
+            float *og = calloc(NV / 2, 4), *orf = calloc(NV / 2, 4);
+            for (int rep = 0; rep < 4 && good; rep++) {
+                KlaTensors tv = { .q = KLA_F32_IN(host.x[Q], NQ / 2), .k = KLA_F32_IN(host.x[KK], NQ / 2),
+                                  .v = KLA_F32_IN(host.x[VV], NV / 2), .g = KLA_F32_IN(host.x[G], NS / 2),
+                                  .eta = KLA_F32_IN(host.x[ETA], NS / 2), .cu_seqlens = KLA_IN(cus[rep % 2], KLA_I32, 3),
+                                  .o = KLA_F32_OUT(og, NV / 2) };
+                good = kla_forward(ctx, &sv, &opt, &tv) == 0;
+                tv.o = KLA_F32_OUT(orf, NV / 2);
+                good = good && kla_forward(rc, &sv, &opt, &tv) == 0 && near(og, orf, NV / 2, 1e-5);
+            }
+            ok(good, be, "calls alternating two packings of the same N sequences: each as ref (offsets not stale)",
+               kla_error_detail(ctx));
+            free(og), free(orf);
+            kla_close(&rc);
         } else {
             /* host-backed buffers are host tensors: value checks apply, any dtype is kept */
             float nan1 = host.x[Q][3];

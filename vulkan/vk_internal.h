@@ -98,6 +98,9 @@ typedef struct vkctx {
     uint32_t dev_type_local, host_type;
     vbuf b[NBIND];
     vbuf b16[NBIND]; /* host tensors in 16 bits, as uploaded (or to be downloaded) */
+    int32_t *offs_cache; /* what B_OFFS holds (bind_prep), noffs_cache entries, in offs_buf */
+    int64_t noffs_cache;
+    VkBuffer offs_buf;
     vbuf staging;
     /* per call: bytes used by each binding, staging transfers */
     VkDeviceSize used[NBIND];
