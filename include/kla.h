@@ -59,7 +59,7 @@ extern "C" {
 #define KLA_VERSION_MINOR 3
 #define KLA_VERSION_PATCH 0
 
-/* "0.3.0" */
+/* "0.4.0" */
 KLA_API const char *kla_version(void);
 
 /* ---- errors: negative errno values ------------------------------------------------ */

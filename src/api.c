@@ -11,7 +11,7 @@
 
 #include "kla_internal.h"
 
-const char *kla_version(void) { return "0.3.0"; }
+const char *kla_version(void) { return "0.4.0"; }
 
 const char *kla_strerror(int err)
 {

@@ -1264,7 +1264,7 @@ static void check_cpu_mask(void)
     if (saved) setenv("KLA_CPU_MASK", saved, 1);
     else unsetenv("KLA_CPU_MASK");
     free(saved);
-    check(kla_strerror(KLA_EBUSY) && strcmp(kla_strerror(KLA_EBUSY), kla_strerror(12345)) && !strcmp(kla_version(), "0.3.0"),
+    check(kla_strerror(KLA_EBUSY) && strcmp(kla_strerror(KLA_EBUSY), kla_strerror(12345)) && !strcmp(kla_version(), "0.4.0"),
           "kla_strerror(KLA_EBUSY) = \"%s\", kla_version() = \"%s\"", kla_strerror(KLA_EBUSY), kla_version());
 }
 

@@ -9,7 +9,7 @@ Pure Python with numpy:
     kla.generate_inputs(entry)                   a case's inputs from its MANIFEST entry
     kla.compare(outputs, case, tol=None, tensors=None)
                                                  the report of `kla verify`, printed and returned
-With libkla 0.3, through ctypes:
+With libkla 0.4, through ctypes:
     kla.forward(q, k, v, g=..., eta=...)         our reference on any arrays (everything
     kla.backward(q, k, v, ..., dout=...)         after v by keyword); **case.inputs works;
                                                  the family: gate=, precond=, g_atk=, ...
@@ -33,7 +33,7 @@ from .ops import KlaError, backward, close_contexts, describe, forward, last_alg
 from .safetensors import load, save
 from .verify import Report, compare
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 __all__ = ["load", "save", "golden_cases", "golden_dir", "load_case", "Case", "generate_inputs",
            "compare",

@@ -47,7 +47,7 @@ import numpy as np
 __all__ = ["forward", "backward", "library", "library_path", "describe", "last_algo",
            "close_contexts", "KlaError", "ABI_VERSION"]
 
-ABI_VERSION = (0, 3)  # the KlaIn/KlaOut/KlaOptions/KlaTensors layout these structures mirror
+ABI_VERSION = (0, 4)  # the KlaIn/KlaOut/KlaOptions/KlaTensors layout these structures mirror
 
 
 class KlaError(RuntimeError):
