@@ -282,32 +282,24 @@ const char *kla_error_detail(const KlaContext *ctx)
 
 /* a * b into *r, 0 on overflow (all operands >= 0). The result must also fit in size_t
  * once multiplied by 8 bytes. */
-static int mul(int64_t a, int64_t b, int64_t *r)
+int kla__mul(int64_t a, int64_t b, int64_t *r)
 {
     if (a != 0 && b > (INT64_MAX / 8) / a) return 0;
     *r = a * b;
     return 1;
 }
 
-static int mul4(int64_t a, int64_t b, int64_t c, int64_t d, int64_t *r)
+int kla__mul4(int64_t a, int64_t b, int64_t c, int64_t d, int64_t *r)
 {
     int64_t x, y;
-    return mul(a, b, &x) && mul(x, c, &y) && mul(y, d, r);
+    return kla__mul(a, b, &x) && kla__mul(x, c, &y) && kla__mul(y, d, r);
 }
 
-static int is_real(KlaDtype d) { return d == KLA_F32 || d == KLA_F64 || d == KLA_F16 || d == KLA_BF16; }
-static size_t dsize(KlaDtype d) { return d == KLA_F64 || d == KLA_I64 ? 8 : d == KLA_F16 || d == KLA_BF16 ? 2 : 4; }
+int kla__is_real(KlaDtype d) { return d == KLA_F32 || d == KLA_F64 || d == KLA_F16 || d == KLA_BF16; }
+size_t kla__dsize(KlaDtype d) { return d == KLA_F64 || d == KLA_I64 ? 8 : d == KLA_F16 || d == KLA_BF16 ? 2 : 4; }
 
 typedef enum { OP_FORWARD, OP_BACKWARD, OP_DECODE, OP_DECODE_STATE } op_kind;
 
-struct KlaState {
-    KlaContext *ctx;
-    int64_t N, HV, K, V, n; /* n = N HV K V */
-    void *host;             /* backends without state hooks: backend dtype, KV layout */
-    void *h;                /* else the backend's handle */
-    int64_t H, na;          /* kla_state_new_atk: key heads, na = N H K; else 0 */
-    void *ahost;            /* the ATK states [N, H, K], backend dtype (host memory) */
-};
 
 /* Sizes of one call, once validated. */
 typedef struct sizes {
@@ -352,7 +344,7 @@ static int check_options(KlaContext *ctx, const KlaOptions *o)
 static int need_real(KlaContext *ctx, const char *name, const void *data, KlaDtype d, int required)
 {
     if (!data) return required ? kla__fail(ctx, KLA_EINVAL, "tensor %s: missing", name) : 0;
-    if (!is_real(d))
+    if (!kla__is_real(d))
         return kla__fail(ctx, KLA_EINVAL, "tensor %s: dtype %d, must be KLA_F32, KLA_F64, KLA_F16 or KLA_BF16",
                          name, (int)d);
     return 0;
@@ -375,7 +367,7 @@ static void dims_str(char *buf, size_t n, const char *dims, const int64_t *shape
 }
 
 /* The element count a present tensor declares must be the one its shape asks for. */
-static int need_numel(KlaContext *ctx, const char *name, const void *data, int64_t given,
+int kla__need_numel(KlaContext *ctx, const char *name, const void *data, int64_t given,
                       const char *dims, const int64_t *shape, int ndim)
 {
     if (!data) return 0;
@@ -518,17 +510,17 @@ static int check_overlaps(KlaContext *ctx, const KlaIn in[NIN], const slot si[NI
     for (int i = 0; i < NOUT; i++) {
         if (!out[i].data) continue;
         /* a device buffer (.buffer set, .data its handle) is one block of its own */
-        const int64_t bi = out[i].buffer ? 1 : so[i].n * (int64_t)dsize(out[i].dtype);
+        const int64_t bi = out[i].buffer ? 1 : so[i].n * (int64_t)kla__dsize(out[i].dtype);
         for (int j = 0; j < NIN; j++)
             if (in[j].data && !out[i].buffer == !in[j].buffer &&
-                overlap(out[i].data, bi, in[j].data, in[j].buffer ? 1 : si[j].n * (int64_t)dsize(in[j].dtype)))
+                overlap(out[i].data, bi, in[j].data, in[j].buffer ? 1 : si[j].n * (int64_t)kla__dsize(in[j].dtype)))
                 return kla__fail(ctx, KLA_EINVAL, "tensor %s: its memory overlaps input %s", so[i].name,
                                  si[j].name);
-        if (cu->data && !out[i].buffer && overlap(out[i].data, bi, cu->data, ncu * (int64_t)dsize(cu->dtype)))
+        if (cu->data && !out[i].buffer && overlap(out[i].data, bi, cu->data, ncu * (int64_t)kla__dsize(cu->dtype)))
             return kla__fail(ctx, KLA_EINVAL, "tensor %s: its memory overlaps input cu_seqlens", so[i].name);
         for (int j = 0; j < i; j++)
             if (out[j].data && !out[i].buffer == !out[j].buffer &&
-                overlap(out[i].data, bi, out[j].data, out[j].buffer ? 1 : so[j].n * (int64_t)dsize(out[j].dtype)))
+                overlap(out[i].data, bi, out[j].data, out[j].buffer ? 1 : so[j].n * (int64_t)kla__dsize(out[j].dtype)))
                 return kla__fail(ctx, KLA_EINVAL, "tensor %s: its memory overlaps output %s", so[i].name,
                                  so[j].name);
     }
@@ -642,9 +634,9 @@ static int check_call(KlaContext *ctx, const KlaShape *s, const KlaOptions *o,
     z->N = t->cu_seqlens.data ? s->N : s->B;
     if (t->cu_seqlens.data && s->N <= 0)
         return kla__fail(ctx, KLA_EINVAL, "tensor cu_seqlens: N = %lld sequences, must be > 0", (long long)s->N);
-    if (!mul(z->B, z->T, &z->total) || !mul4(z->total, z->H, z->K, 1, &z->nq) ||
-        !mul4(z->total, z->HV, z->V, 1, &z->nv) || !mul(z->total, z->HV, &z->ns) ||
-        !mul4(z->N, z->HV, z->K, z->V, &z->nst) || z->N == INT64_MAX)
+    if (!kla__mul(z->B, z->T, &z->total) || !kla__mul4(z->total, z->H, z->K, 1, &z->nq) ||
+        !kla__mul4(z->total, z->HV, z->V, 1, &z->nv) || !kla__mul(z->total, z->HV, &z->ns) ||
+        !kla__mul4(z->N, z->HV, z->K, z->V, &z->nst) || z->N == INT64_MAX)
         return kla__fail(ctx, KLA_ENOMEM, "shape: sizes overflow");
 
     /* which tensors this call takes */
@@ -714,11 +706,11 @@ static int check_call(KlaContext *ctx, const KlaShape *s, const KlaOptions *o,
     set_slots(z, o, decode, si, so);
     gather(t, o->mode == KLA_MODE_KLA, in, out);
     for (int i = 0; i < NIN && !r; i++)
-        r = need_numel(ctx, si[i].name, in[i].data, in[i].numel, si[i].dims, si[i].shape, si[i].ndim);
+        r = kla__need_numel(ctx, si[i].name, in[i].data, in[i].numel, si[i].dims, si[i].shape, si[i].ndim);
     for (int i = 0; i < NOUT && !r; i++)
-        r = need_numel(ctx, so[i].name, out[i].data, out[i].numel, so[i].dims, so[i].shape, so[i].ndim);
+        r = kla__need_numel(ctx, so[i].name, out[i].data, out[i].numel, so[i].dims, so[i].shape, so[i].ndim);
     const int64_t ncu[1] = { z->N + 1 };
-    if (!r) r = need_numel(ctx, "cu_seqlens", t->cu_seqlens.data, t->cu_seqlens.numel, "[N + 1]", ncu, 1);
+    if (!r) r = kla__need_numel(ctx, "cu_seqlens", t->cu_seqlens.data, t->cu_seqlens.numel, "[N + 1]", ncu, 1);
     if (!r) r = check_overlaps(ctx, in, si, out, so, &t->cu_seqlens, ncu[0]);
     if (r) return r;
 
@@ -762,10 +754,10 @@ typedef struct buf {
     void *owned;
 } buf;
 
-static void convert(const void *src, KlaDtype sd, void *dst, KlaDtype dd, int64_t n)
+void kla__convert(const void *src, KlaDtype sd, void *dst, KlaDtype dd, int64_t n)
 {
     if (sd == dd) {
-        memcpy(dst, src, (size_t)n * dsize(sd));
+        memcpy(dst, src, (size_t)n * kla__dsize(sd));
     } else if (sd == KLA_F32 && dd == KLA_F64) {
         for (int64_t i = 0; i < n; i++) ((double *)dst)[i] = ((const float *)src)[i];
     } else if (sd == KLA_F64 && dd == KLA_F32) {
@@ -776,7 +768,7 @@ static void convert(const void *src, KlaDtype sd, void *dst, KlaDtype dd, int64_
 }
 
 /* [M, R, Cc] -> [M, Cc, R] with dtype conversion: the VK <-> KV state transposition. */
-static void transpose(const void *src, KlaDtype sd, void *dst, KlaDtype dd, int64_t M,
+void kla__transpose(const void *src, KlaDtype sd, void *dst, KlaDtype dd, int64_t M,
                       int64_t R, int64_t Cc)
 {
     for (int64_t m = 0; m < M; m++)
@@ -796,9 +788,9 @@ static int in_buf(KlaIn in, int64_t n, KlaDtype want, const sizes *z, int vk, bu
         b->ptr = (void *)in.data; /* read only */
         return 0;
     }
-    if (!(b->owned = malloc((size_t)n * dsize(want)))) return KLA_ENOMEM;
-    if (vk) transpose(in.data, in.dtype, b->owned, want, z->N * z->HV, z->V, z->K);
-    else convert(in.data, in.dtype, b->owned, want, n);
+    if (!(b->owned = malloc((size_t)n * kla__dsize(want)))) return KLA_ENOMEM;
+    if (vk) kla__transpose(in.data, in.dtype, b->owned, want, z->N * z->HV, z->V, z->K);
+    else kla__convert(in.data, in.dtype, b->owned, want, n);
     b->ptr = b->owned;
     return 0;
 }
@@ -812,7 +804,7 @@ static int out_buf(KlaOut out, int64_t n, KlaDtype want, int vk, buf *b)
         b->ptr = out.data;
         return 0;
     }
-    if (!(b->owned = calloc((size_t)n, dsize(want)))) return KLA_ENOMEM;
+    if (!(b->owned = calloc((size_t)n, kla__dsize(want)))) return KLA_ENOMEM;
     b->ptr = b->owned;
     return 0;
 }
@@ -821,8 +813,8 @@ static int out_buf(KlaOut out, int64_t n, KlaDtype want, int vk, buf *b)
 static void out_finish(KlaOut out, int64_t n, KlaDtype have, int vk, const sizes *z, const buf *b)
 {
     if (!b->owned) return;
-    if (vk) transpose(b->owned, have, out.data, out.dtype, z->N * z->HV, z->K, z->V);
-    else convert(b->owned, have, out.data, out.dtype, n);
+    if (vk) kla__transpose(b->owned, have, out.data, out.dtype, z->N * z->HV, z->K, z->V);
+    else kla__convert(b->owned, have, out.data, out.dtype, n);
 }
 
 /* The first non-finite element of an output, as "tensor o: Inf at o[b=0, t=5, hv=1, v=3]":
@@ -860,7 +852,7 @@ static int check_finite_out(KlaContext *ctx, const slot *x, const void *data, Kl
  * scratch and name its first non-finite o instead (or say that it stays finite). */
 static void locate_recurrent(KlaContext *ctx, const kla_problem *p, const kla_io *io, const slot so[NOUT])
 {
-    const size_t es = dsize(ctx->be->real);
+    const size_t es = kla__dsize(ctx->be->real);
     void *o = calloc((size_t)so[O_O].n, es);
     char first[512];
     snprintf(first, sizeof first, "%s", ctx->detail);
@@ -887,7 +879,7 @@ static void locate_recurrent(KlaContext *ctx, const kla_problem *p, const kla_io
 
 _Thread_local KlaContext *kla__current;
 
-static int enter(KlaContext *ctx, const char *what)
+int kla__enter(KlaContext *ctx, const char *what)
 {
     busy_ctx = NULL;
     if (atomic_exchange(&ctx->busy, 1)) {
@@ -901,7 +893,7 @@ static int enter(KlaContext *ctx, const char *what)
     return 0;
 }
 
-static int leave(KlaContext *ctx, int r)
+int kla__leave(KlaContext *ctx, int r)
 {
     if (r < 0 && !ctx->detail[0]) kla__fail(ctx, r, "%s", kla_strerror(r));
     kla__current = NULL;
@@ -930,8 +922,8 @@ static int floor_g(buf *b, KlaIn in, int64_t n, KlaDtype R)
         if ((R == KLA_F32 ? ((const float *)b->ptr)[i] : ((const double *)b->ptr)[i]) < G_FLOOR) break;
     if (i == n) return 0;
     if (!b->owned) {
-        if (!(b->owned = malloc((size_t)n * dsize(R)))) return KLA_ENOMEM;
-        convert(in.data, in.dtype, b->owned, R, n);
+        if (!(b->owned = malloc((size_t)n * kla__dsize(R)))) return KLA_ENOMEM;
+        kla__convert(in.data, in.dtype, b->owned, R, n);
         b->ptr = b->owned;
     }
     for (; i < n; i++) {
@@ -1070,11 +1062,11 @@ static int run_checked(KlaContext *ctx, const KlaShape *shape, const KlaOptions 
         if (!bo[i].ptr) r = out_buf(outs[i], so[i].n, R, so[i].vk, &bo[i]);
     /* the decode state is read as well as written */
     if (!r && op == OP_DECODE && bo[O_STATE].owned) {
-        if (vk) transpose(t->state.data, t->state.dtype, bo[O_STATE].owned, R, z.N * z.HV, z.V, z.K);
-        else convert(t->state.data, t->state.dtype, bo[O_STATE].owned, R, z.nst);
+        if (vk) kla__transpose(t->state.data, t->state.dtype, bo[O_STATE].owned, R, z.N * z.HV, z.V, z.K);
+        else kla__convert(t->state.data, t->state.dtype, bo[O_STATE].owned, R, z.nst);
     }
     if (!r && op == OP_DECODE && bo[O_ASTATE].owned)
-        convert(t->astate.data, t->astate.dtype, bo[O_ASTATE].owned, R, so[O_ASTATE].n);
+        kla__convert(t->astate.data, t->astate.dtype, bo[O_ASTATE].owned, R, so[O_ASTATE].n);
     if (r == KLA_ENOMEM) r = kla__fail(ctx, r, "out of memory for the converted tensors");
 
     int computed = 0;
@@ -1125,9 +1117,9 @@ static int run(KlaContext *ctx, const KlaShape *shape, const KlaOptions *opt,
 {
     static const char *const what[] = { "kla_forward", "kla_backward", "kla_decode", "kla_decode_state" };
     if (!ctx) return KLA_EINVAL;
-    int r = enter(ctx, what[op]);
+    int r = kla__enter(ctx, what[op]);
     if (r) return r;
-    return leave(ctx, run_checked(ctx, shape, opt, t, op, kst));
+    return kla__leave(ctx, run_checked(ctx, shape, opt, t, op, kst));
 }
 
 int kla_forward(KlaContext *ctx, const KlaShape *s, const KlaOptions *o, const KlaTensors *t)
@@ -1160,291 +1152,9 @@ const char *kla_describe(const KlaContext *ctx, char *out, size_t len)
     return out;
 }
 
-/* ---- KlaState --------------------------------------------------------------------------- */
-
-static int state_new(KlaContext *ctx, int64_t N, int64_t HV, int64_t K, int64_t V, KlaState **out)
-{
-    const char *what[] = { "N", "HV", "K", "V" };
-    const int64_t d[] = { N, HV, K, V };
-    for (int i = 0; i < 4; i++)
-        if (d[i] <= 0) return kla__fail(ctx, KLA_EINVAL, "KlaState: %s = %lld, must be > 0", what[i], (long long)d[i]);
-    int64_t n;
-    if (!mul4(N, HV, K, V, &n)) return kla__fail(ctx, KLA_ENOMEM, "KlaState: sizes overflow");
-    KlaState *st = calloc(1, sizeof *st);
-    if (!st) return kla__fail(ctx, KLA_ENOMEM, "KlaState: out of memory");
-    *st = (KlaState){ .ctx = ctx, .N = N, .HV = HV, .K = K, .V = V, .n = n };
-    const int64_t bytes = n * (int64_t)dsize(ctx->be->real);
-    int r = 0;
-    if (ctx->be->mem_new) r = ctx->be->mem_new(ctx->state, bytes, &st->h);
-    else if (!(st->host = calloc((size_t)n, dsize(ctx->be->real)))) r = KLA_ENOMEM;
-    if (r) {
-        free(st);
-        if (ctx->detail[0]) return r;
-        return kla__fail(ctx, r, "KlaState: %lld bytes on backend %s: %s", (long long)bytes, ctx->be->name,
-                         kla_strerror(r));
-    }
-    *out = st;
-    return 0;
-}
-
-int kla_state_new(KlaContext *ctx, int64_t N, int64_t HV, int64_t K, int64_t V, KlaState **out)
-{
-    if (out) *out = NULL;
-    if (!ctx) return KLA_EINVAL;
-    int r = enter(ctx, "kla_state_new");
-    if (r) return r;
-    if (!out) return leave(ctx, kla__fail(ctx, KLA_EINVAL, "KlaState: NULL result pointer"));
-    return leave(ctx, state_new(ctx, N, HV, K, V, out));
-}
-
-int kla_state_new_atk(KlaContext *ctx, int64_t N, int64_t H, int64_t HV, int64_t K, int64_t V, KlaState **out)
-{
-    if (out) *out = NULL;
-    if (!ctx) return KLA_EINVAL;
-    int r = enter(ctx, "kla_state_new_atk");
-    if (r) return r;
-    if (!out) return leave(ctx, kla__fail(ctx, KLA_EINVAL, "KlaState: NULL result pointer"));
-    if (!(ctx->be->variants & KLA_VARIANT_ATK))
-        return leave(ctx, kla__fail(ctx, KLA_ENOSYS, "KlaState: backend %s does not run precond atk yet (backends "
-                                    "ref and ref64 do)", ctx->be->name));
-    if (H <= 0 || HV <= 0 || HV % H)
-        return leave(ctx, kla__fail(ctx, KLA_EINVAL, "KlaState: H = %lld, must be > 0 and divide HV = %lld",
-                                    (long long)H, (long long)HV));
-    int64_t na;
-    if (!mul4(N > 0 ? N : 1, H, K > 0 ? K : 1, 1, &na)) return leave(ctx, kla__fail(ctx, KLA_ENOMEM, "KlaState: sizes overflow"));
-    KlaState *st = NULL;
-    if ((r = state_new(ctx, N, HV, K, V, &st))) return leave(ctx, r);
-    st->H = H, st->na = na;
-    /* a backend running the family keeps states on the host (no state hooks) */
-    if (!(st->ahost = calloc((size_t)na, dsize(ctx->be->real)))) {
-        kla_state_free(&st);
-        return leave(ctx, kla__fail(ctx, KLA_ENOMEM, "KlaState: out of memory for the ATK state"));
-    }
-    *out = st;
-    return leave(ctx, 0);
-}
-
-/* the ATK state <-> a caller's [N, H, K] tensor */
-static int state_atk_xfer(KlaState *st, void *data, KlaDtype dt, int64_t numel, int to_state)
-{
-    KlaContext *ctx = st->ctx;
-    const char *name = to_state ? "src" : "dst";
-    if (!st->ahost)
-        return kla__fail(ctx, KLA_EINVAL, "KlaState: made without an ATK state (kla_state_new_atk makes one)");
-    if (!data) return kla__fail(ctx, KLA_EINVAL, "KlaState: %s is NULL", name);
-    if (!is_real(dt))
-        return kla__fail(ctx, KLA_EINVAL, "KlaState: %s has dtype %d, expected F32, F64, F16 or BF16", name, (int)dt);
-    const int64_t sh[] = { st->N, st->H, st->K };
-    int r = need_numel(ctx, name, data, numel, "[N, H, K]", sh, 3);
-    if (r) return r;
-    if (to_state && (r = kla__check_values(ctx, "astate", KLA_IN(data, dt, numel), sh, 3, 1))) return r;
-    if (to_state) convert(data, dt, st->ahost, ctx->be->real, st->na);
-    else convert(st->ahost, ctx->be->real, data, dt, st->na);
-    return 0;
-}
-
-int kla_state_write_atk(KlaState *st, KlaIn src)
-{
-    if (!st) return KLA_EINVAL;
-    int r = enter(st->ctx, "kla_state_write_atk");
-    if (r) return r;
-    return leave(st->ctx, state_atk_xfer(st, (void *)src.data, src.dtype, src.numel, 1));
-}
-
-int kla_state_read_atk(KlaState *st, KlaOut dst)
-{
-    if (!st) return KLA_EINVAL;
-    int r = enter(st->ctx, "kla_state_read_atk");
-    if (r) return r;
-    return leave(st->ctx, state_atk_xfer(st, dst.data, dst.dtype, dst.numel, 0));
-}
-
-void kla_state_free(KlaState **st)
-{
-    if (!st || !*st) return;
-    if ((*st)->h) (*st)->ctx->be->mem_free((*st)->ctx->state, (*st)->h);
-    free((*st)->ahost);
-    free((*st)->host);
-    free(*st);
-    *st = NULL;
-}
-
-/* state <-> a caller's tensor of the given dtype and layout (to_state: write) */
-static int state_xfer(KlaState *st, void *data, KlaDtype dt, int64_t numel, KlaStateLayout layout,
-                      int to_state)
-{
-    KlaContext *ctx = st->ctx;
-    const char *name = to_state ? "src" : "dst";
-    if (!data) return kla__fail(ctx, KLA_EINVAL, "KlaState: %s is NULL", name);
-    if (!is_real(dt))
-        return kla__fail(ctx, KLA_EINVAL, "KlaState: %s has dtype %d, expected F32, F64, F16 or BF16", name, (int)dt);
-    if (layout != KLA_LAYOUT_KV && layout != KLA_LAYOUT_VK)
-        return kla__fail(ctx, KLA_EINVAL, "KlaState: layout %d is neither KV nor VK", (int)layout);
-    const int vk = layout == KLA_LAYOUT_VK;
-    const int64_t sh[] = { st->N, st->HV, vk ? st->V : st->K, vk ? st->K : st->V };
-    int r = need_numel(ctx, name, data, numel, vk ? "[N, HV, V, K]" : "[N, HV, K, V]", sh, 4);
-    if (r) return r;
-    const KlaDtype R = ctx->be->real;
-    if (to_state && (r = kla__check_values(ctx, "state", KLA_IN(data, dt, numel), sh, 4, 0))) return r;
-    void *tmp = st->h ? malloc((size_t)st->n * dsize(R)) : st->host;
-    if (!tmp) return kla__fail(ctx, KLA_ENOMEM, "KlaState: out of memory");
-    if (to_state) {
-        if (vk) transpose(data, dt, tmp, R, st->N * st->HV, st->V, st->K);
-        else convert(data, dt, tmp, R, st->n);
-        if (st->h) r = ctx->be->mem_copy(ctx->state, st->h, tmp, st->n * (int64_t)dsize(R), 1);
-    } else {
-        if (st->h) r = ctx->be->mem_copy(ctx->state, st->h, tmp, st->n * (int64_t)dsize(R), 0);
-        if (!r && vk) transpose(tmp, R, data, dt, st->N * st->HV, st->K, st->V);
-        else if (!r) convert(tmp, R, data, dt, st->n);
-    }
-    if (st->h) free(tmp);
-    if (r && !ctx->detail[0]) kla__fail(ctx, r, "KlaState: copy on backend %s: %s", ctx->be->name, kla_strerror(r));
-    return r;
-}
-
-static int state_call(KlaState *st, void *data, KlaDtype dt, int64_t numel, KlaStateLayout layout,
-                      int to_state)
-{
-    if (!st) return KLA_EINVAL;
-    int r = enter(st->ctx, to_state ? "kla_state_write" : "kla_state_read");
-    if (r) return r;
-    return leave(st->ctx, state_xfer(st, data, dt, numel, layout, to_state));
-}
-
-int kla_state_write(KlaState *st, KlaIn src, KlaStateLayout layout)
-{
-    return state_call(st, (void *)src.data, src.dtype, src.numel, layout, 1);
-}
-
-int kla_state_read(KlaState *st, KlaOut dst, KlaStateLayout layout)
-{
-    return state_call(st, dst.data, dst.dtype, dst.numel, layout, 0);
-}
-
 int kla_decode_state(KlaContext *ctx, const KlaShape *s, const KlaOptions *o, const KlaTensors *t, KlaState *st)
 {
     return run(ctx, s, o, t, OP_DECODE_STATE, st);
-}
-
-/* ---- KlaBuffer ---------------------------------------------------------------------------- */
-
-static int buffer_make(KlaContext *ctx, KlaDtype dt, int64_t numel, KlaBuffer **out, int wrap, uint64_t vkb,
-                       uint64_t off)
-{
-    if (!out) return kla__fail(ctx, KLA_EINVAL, "KlaBuffer: NULL result pointer");
-    if (!is_real(dt))
-        return kla__fail(ctx, KLA_EINVAL, "KlaBuffer: dtype %d, must be KLA_F32, KLA_F64, KLA_F16 or KLA_BF16", (int)dt);
-    if (numel <= 0 || numel > INT64_MAX / 8)
-        return kla__fail(ctx, KLA_EINVAL, "KlaBuffer: numel = %lld, must be > 0", (long long)numel);
-    const int dev = ctx->be->mem_new != NULL, half = dt == KLA_F16 || dt == KLA_BF16;
-    if ((dev || wrap) && dt != ctx->be->real && !(half && ctx->be->dev16))
-        return kla__fail(ctx, KLA_EINVAL, "KlaBuffer: backend %s keeps %s%s buffers (dtype %d given)", ctx->be->name,
-                         ctx->be->real == KLA_F32 ? "KLA_F32" : "KLA_F64",
-                         ctx->be->dev16 ? ", KLA_F16 and KLA_BF16" : "", (int)dt);
-    if (wrap && half && numel % 2)
-        return kla__fail(ctx, KLA_EINVAL, "KlaBuffer: a 16-bit Vulkan buffer of the application holds an even count "
-                         "(the device reads 32-bit words), %lld given", (long long)numel);
-    if (wrap && !ctx->be->mem_wrap)
-        return kla__fail(ctx, KLA_EINVAL, "KlaBuffer: backend %s does not take Vulkan buffers", ctx->be->name);
-    KlaBuffer *b = calloc(1, sizeof *b);
-    if (!b) return kla__fail(ctx, KLA_ENOMEM, "KlaBuffer: out of memory");
-    *b = (KlaBuffer){ .ctx = ctx, .dtype = dt, .numel = numel };
-    const int64_t bytes = numel * (int64_t)dsize(dt);
-    int r = 0;
-    if (wrap) r = ctx->be->mem_wrap(ctx->state, vkb, off, bytes, &b->h);
-    else if (dev) r = ctx->be->mem_new(ctx->state, bytes, &b->h);
-    else if (!(b->host = calloc((size_t)numel, dsize(dt)))) r = KLA_ENOMEM;
-    if (r) {
-        free(b);
-        if (ctx->detail[0]) return r;
-        return kla__fail(ctx, r, "KlaBuffer: %lld bytes on backend %s: %s", (long long)bytes, ctx->be->name,
-                         kla_strerror(r));
-    }
-    *out = b;
-    return 0;
-}
-
-int kla_buffer_new(KlaContext *ctx, KlaDtype dtype, int64_t numel, KlaBuffer **b)
-{
-    if (b) *b = NULL;
-    if (!ctx) return KLA_EINVAL;
-    int r = enter(ctx, "kla_buffer_new");
-    return r ? r : leave(ctx, buffer_make(ctx, dtype, numel, b, 0, 0, 0));
-}
-
-int kla_buffer_wrap_vulkan(KlaContext *ctx, uint64_t vk_buffer, uint64_t offset, KlaDtype dtype, int64_t numel,
-                           KlaBuffer **b)
-{
-    if (b) *b = NULL;
-    if (!ctx) return KLA_EINVAL;
-    int r = enter(ctx, "kla_buffer_wrap_vulkan");
-    if (r) return r;
-    if (!vk_buffer) return leave(ctx, kla__fail(ctx, KLA_EINVAL, "KlaBuffer: VK_NULL_HANDLE given"));
-    return leave(ctx, buffer_make(ctx, dtype, numel, b, 1, vk_buffer, offset));
-}
-
-int kla_buffer_vulkan_handle(const KlaBuffer *b, uint64_t *vk_buffer, uint64_t *offset)
-{
-    if (!b || !vk_buffer || !offset || !b->h || !b->ctx->be->mem_handle) return KLA_EINVAL;
-    b->ctx->be->mem_handle(b->h, vk_buffer, offset);
-    return 0;
-}
-
-void kla_buffer_free(KlaBuffer **b)
-{
-    if (!b || !*b) return;
-    if ((*b)->h) (*b)->ctx->be->mem_free((*b)->ctx->state, (*b)->h);
-    free((*b)->host);
-    free(*b);
-    *b = NULL;
-}
-
-int64_t kla_buffer_numel(const KlaBuffer *b) { return b ? b->numel : 0; }
-KlaDtype kla_buffer_dtype(const KlaBuffer *b) { return b ? b->dtype : KLA_F32; }
-
-/* host <-> buffer, converting dtypes */
-static int buffer_xfer(KlaBuffer *b, void *data, KlaDtype dt, int64_t numel, int to_buf)
-{
-    KlaContext *ctx = b->ctx;
-    const char *name = to_buf ? "src" : "dst";
-    if (!data) return kla__fail(ctx, KLA_EINVAL, "KlaBuffer: %s is NULL (host memory expected)", name);
-    if (!is_real(dt))
-        return kla__fail(ctx, KLA_EINVAL, "KlaBuffer: %s has dtype %d, expected F32, F64, F16 or BF16", name, (int)dt);
-    if (numel != b->numel)
-        return kla__fail(ctx, KLA_EINVAL, "KlaBuffer: %s holds %lld elements, the buffer %lld", name,
-                         (long long)numel, (long long)b->numel);
-    if (b->host) {
-        if (to_buf) convert(data, dt, b->host, b->dtype, numel);
-        else convert(b->host, b->dtype, data, dt, numel);
-        return 0;
-    }
-    const int64_t bytes = numel * (int64_t)dsize(b->dtype);
-    void *tmp = dt == b->dtype ? data : malloc((size_t)bytes);
-    if (!tmp) return kla__fail(ctx, KLA_ENOMEM, "KlaBuffer: out of memory");
-    if (to_buf && tmp != data) convert(data, dt, tmp, b->dtype, numel);
-    int r = ctx->be->mem_copy(ctx->state, b->h, tmp, bytes, to_buf);
-    if (!r && !to_buf && tmp != data) convert(tmp, b->dtype, data, dt, numel);
-    if (tmp != data) free(tmp);
-    if (r && !ctx->detail[0]) kla__fail(ctx, r, "KlaBuffer: copy on backend %s: %s", ctx->be->name, kla_strerror(r));
-    return r;
-}
-
-int kla_buffer_write(KlaBuffer *b, KlaIn src)
-{
-    if (!b) return KLA_EINVAL;
-    int r = enter(b->ctx, "kla_buffer_write");
-    if (r) return r;
-    if (src.buffer) return leave(b->ctx, kla__fail(b->ctx, KLA_EINVAL, "KlaBuffer: src must be host memory"));
-    return leave(b->ctx, buffer_xfer(b, (void *)src.data, src.dtype, src.numel, 1));
-}
-
-int kla_buffer_read(KlaBuffer *b, KlaOut dst)
-{
-    if (!b) return KLA_EINVAL;
-    int r = enter(b->ctx, "kla_buffer_read");
-    if (r) return r;
-    if (dst.buffer) return leave(b->ctx, kla__fail(b->ctx, KLA_EINVAL, "KlaBuffer: dst must be host memory"));
-    return leave(b->ctx, buffer_xfer(b, dst.data, dst.dtype, dst.numel, 0));
 }
 
 /* ---- the reference backends ------------------------------------------------------------ */

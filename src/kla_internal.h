@@ -133,6 +133,31 @@ int kla__nofail(int err, const char *fmt, ...)
     ;
 void kla__noclear(void);
 
+/* A KlaState (api.c, memory.c). */
+struct KlaState {
+    KlaContext *ctx;
+    int64_t N, HV, K, V, n; /* n = N HV K V */
+    void *host;             /* backends without state hooks: backend dtype, KV layout */
+    void *h;                /* else the backend's handle */
+    int64_t H, na;          /* kla_state_new_atk: key heads, na = N H K; else 0 */
+    void *ahost;            /* the ATK states [N, H, K], backend dtype (host memory) */
+};
+
+/* The glue's helpers (api.c), shared with memory.c. enter/leave bracket every call on a
+ * context (KLA_EBUSY from a second thread, the error message); need_numel checks a
+ * tensor's element count against its shape; convert and transpose move real tensors
+ * between dtypes (and the VK and KV state layouts). */
+int kla__enter(KlaContext *ctx, const char *what);
+int kla__leave(KlaContext *ctx, int r);
+size_t kla__dsize(KlaDtype d);
+int kla__is_real(KlaDtype d);
+int kla__mul(int64_t a, int64_t b, int64_t *r);
+int kla__mul4(int64_t a, int64_t b, int64_t c, int64_t d, int64_t *r);
+int kla__need_numel(KlaContext *ctx, const char *name, const void *data, int64_t given, const char *dims,
+                    const int64_t *shape, int ndim);
+void kla__convert(const void *src, KlaDtype sd, void *dst, KlaDtype dd, int64_t n);
+void kla__transpose(const void *src, KlaDtype sd, void *dst, KlaDtype dd, int64_t M, int64_t R, int64_t Cc);
+
 /* Checks that every element of a real tensor is finite, and <= 0 when sign < 0, >= 0
  * when sign > 0; the message names the tensor and the index. */
 int kla__check_values(KlaContext *ctx, const char *name, KlaIn t, const int64_t *shape,
