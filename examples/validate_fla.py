@@ -406,15 +406,21 @@ def _st_wrong():
     return _INJECT.get("forward") == "wrong"
 
 
-def _st_recurrence(torch, q, k, v, g, beta, scale, h0, cu, l2, native_gva, name):
-    f32 = torch.float32
-    B, T, H, K = q.shape
-    HV, V = v.shape[2], v.shape[3]
+def _st_heads(H, HV, native_gva, name):
+    """The stand-ins refuse what fla's kernels refuse: HV not a multiple of H, and grouped
+    value heads where the kernel has none."""
     if HV % H:
         raise ValueError("num_v_heads (HV=%d) must be divisible by num_heads (H=%d)" % (HV, H))
     if HV != H and not native_gva:
         raise ValueError("selftest %s stand-in: no native grouped value heads (H=%d, HV=%d)"
                          % (name, H, HV))
+
+
+def _st_recurrence(torch, q, k, v, g, beta, scale, h0, cu, l2, native_gva, name):
+    f32 = torch.float32
+    B, T, H, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    _st_heads(H, HV, native_gva, name)
     q, k, v, beta = q.to(f32), k.to(f32), v.to(f32), beta.to(f32)
     g = torch.zeros(B, T, HV, dtype=f32, device=q.device) if g is None else g.to(f32)
     if l2:
@@ -452,11 +458,7 @@ def _st_family(torch, name, q, k, v, g, beta, scale, h0, cu, l2, native_gva, atk
     f32 = torch.float32
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
-    if HV % H:
-        raise ValueError("num_v_heads (HV=%d) must be divisible by num_heads (H=%d)" % (HV, H))
-    if HV != H and not native_gva:
-        raise ValueError("selftest %s stand-in: no native grouped value heads (H=%d, HV=%d)"
-                         % (name, H, HV))
+    _st_heads(H, HV, native_gva, name)
     q, k, v, beta, g = q.to(f32), k.to(f32), v.to(f32), beta.to(f32), g.to(f32)
     if l2:
         q = q / torch.sqrt((q * q).sum(-1, keepdim=True) + 1e-6)
@@ -508,6 +510,8 @@ def _st_functions():
             _st_inject(ctx.name, "backward")
             return dx, None
 
+    # fla's fused recurrent kernels have no backward: their stand-ins raise the same
+    # NotImplementedError on purpose, so that the selftest covers the forward-only fallback
     class FusedRecurrent(torch.autograd.Function):
         @staticmethod
         def forward(ctx, q, k, v, g, beta, scale, h0, cu, l2):

@@ -861,8 +861,7 @@ static void locate_recurrent(KlaContext *ctx, const kla_problem *p, const kla_io
     kla_io x = { .algo = KLA_ALGO_RECURRENT, .q = io->q, .k = io->k, .v = io->v, .g = io->g, .a = io->a,
                  .h0 = io->h0, .g_atk = io->g_atk, .beta_atk = io->beta_atk,
                  .log_atk_scale = io->log_atk_scale, .a0 = io->a0, .o = o,
-                 .resident = io->resident & ins & ~(KLA_R_O), .res_f16 = io->res_f16 & ins,
-                 .res_bf16 = io->res_bf16 & ins, .host_f16 = io->host_f16 & ins, .host_bf16 = io->host_bf16 & ins };
+                 .resident = io->resident & ins, .f16 = io->f16 & ins, .bf16 = io->bf16 & ins };
     int r = ctx->be->forward(ctx->state, p, &x);
     ctx->detail[0] = 0;
     if (r == 0 && check_finite_out(ctx, &so[O_O], o, ctx->be->real) == KLA_ERANGE) {
@@ -1043,7 +1042,7 @@ static int run_checked(KlaContext *ctx, const KlaShape *shape, const KlaOptions 
         { I_Q, 0, KLA_R_Q }, { I_K, 0, KLA_R_K }, { I_V, 0, KLA_R_V }, { I_G, 0, KLA_R_G }, { I_A, 0, KLA_R_A },
         { I_DO, 0, KLA_R_DO }, { O_O, 1, KLA_R_O }, { O_DQ, 1, KLA_R_DQ }, { O_DK, 1, KLA_R_DK },
         { O_DV, 1, KLA_R_DV }, { O_DG, 1, KLA_R_DG }, { O_DA, 1, KLA_R_DA } };
-    for (size_t i = 0; ctx->be->dev16 && opt->gate == KLA_GATE_HEAD && i < sizeof r16map / sizeof r16map[0]; i++) {
+    for (size_t i = 0; ctx->be->dev16 && i < sizeof r16map / sizeof r16map[0]; i++) {
         const int sl = r16map[i].slot;
         const KlaDtype dt = r16map[i].out ? outs[sl].dtype : ins[sl].dtype;
         const void *d = r16map[i].out ? (const void *)outs[sl].data : ins[sl].data;
@@ -1079,8 +1078,8 @@ static int run_checked(KlaContext *ctx, const KlaShape *shape, const KlaOptions 
                       .log_atk_scale = bi[I_LATK].ptr, .a0 = bi[I_A0].ptr, .dat = bi[I_DAT].ptr,
                       .at = bo[O_AT].ptr, .dg_atk = bo[O_DGATK].ptr, .dbeta_atk = bo[O_DBATK].ptr,
                       .dlog_atk_scale = bo[O_DLATK].ptr, .da0 = bo[O_DA0].ptr, .state = bo[O_STATE].ptr,
-                      .astate = bo[O_ASTATE].ptr, .resident = resident, .res_f16 = r16[0],
-                      .res_bf16 = r16[1], .host_f16 = raw16[0], .host_bf16 = raw16[1] };
+                      .astate = bo[O_ASTATE].ptr, .resident = resident, .f16 = r16[0] | raw16[0],
+                      .bf16 = r16[1] | raw16[1] };
         void *st = ctx->state;
         if (op == OP_FORWARD) r = ctx->be->forward(st, &p, &io);
         else if (op == OP_BACKWARD) r = ctx->be->backward(st, &p, &io);

@@ -30,12 +30,9 @@ typedef struct kla_io {
     /* KLA_R_* bits: that tensor is a backend memory handle (a KlaBuffer's h), not host
      * memory; only for backends with mem_new, never for the family's tensors */
     unsigned resident;
-    /* of those, KLA_R_* bits of tensors held in 16 bits (IEEE binary16, bfloat16); only
-     * for backends with dev16 */
-    unsigned res_f16, res_bf16;
-    /* KLA_R_* bits of host tensors passed in 16 bits as the caller gave them (uint16_t
-     * data), never states; only for backends with dev16 */
-    unsigned host_f16, host_bf16;
+    /* KLA_R_* bits of tensors in 16 bits (IEEE binary16, bfloat16), as handles (resident)
+     * or as the caller's host data (uint16_t); never states; only for backends with dev16 */
+    unsigned f16, bf16;
 } kla_io;
 
 enum {

@@ -26,19 +26,7 @@
 
 #include "kla.h"
 
-static int n_test, n_fail;
-
-static void check(int ok, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    printf("%s %d - ", ok ? "ok" : "not ok", ++n_test);
-    vprintf(fmt, ap);
-    printf("\n");
-    va_end(ap);
-    if (!ok) n_fail++;
-    fflush(stdout);
-}
+#include "tap.h"
 
 static uint64_t rng_state;
 static double urand(void) /* [0, 1), xorshift64* */
@@ -407,6 +395,25 @@ static double rel(const double *a, const double *b, int64_t n)
     return s > 0 ? sqrt(d / s) : sqrt(d);
 }
 
+/* The decode tensors of token t of a one-sequence problem (B = 1): q k v g eta, with atk
+ * g_atk beta_atk log_atk_scale, and o into that token's slice of o. */
+static KlaTensors token(const fam *f, int64_t t, int atk, double *o)
+{
+    const int64_t H = f->s.H, HV = f->s.HV, K = f->s.K, V = f->s.V;
+    const int64_t gw = f->n[G] / f->s.T; /* HV, or HV K per channel */
+    KlaTensors d;
+    memset(&d, 0, sizeof d);
+    d.q = KLA_F64_IN(f->x[Q] + t * H * K, H * K), d.k = KLA_F64_IN(f->x[Kk] + t * H * K, H * K);
+    d.v = KLA_F64_IN(f->x[Vv] + t * HV * V, HV * V), d.g = KLA_F64_IN(f->x[G] + t * gw, gw);
+    d.eta = KLA_F64_IN(f->x[A] + t * HV, HV);
+    if (atk) {
+        d.g_atk = KLA_F64_IN(f->x[GATK] + t * H, H), d.beta_atk = KLA_F64_IN(f->x[BATK] + t * H, H);
+        d.log_atk_scale = KLA_F64_IN(f->x[LATK], H);
+    }
+    d.o = KLA_F64_OUT(o + t * HV * V, HV * V);
+    return d;
+}
+
 /* Decode token by token (carrying state and astate) equals forward; after each token of
  * mode kla with eta = 1, eps = 0, k_t^T S_t = v_t^T (kw writes, k reads). */
 static void check_projection_decode(KlaContext *ctx)
@@ -424,18 +431,10 @@ static void check_projection_decode(KlaContext *ctx)
         if (atk) memcpy(astate, f.x[A0], (size_t)f.nat * sizeof(double));
         double proj = 0;
         int rc = 0;
-        const int64_t gw = chan ? HV * K : HV;
         for (int64_t t = 0; t < T && !rc; t++) {
-            KlaTensors d;
-            memset(&d, 0, sizeof d);
-            d.q = KLA_F64_IN(f.x[Q] + t * H * K, H * K), d.k = KLA_F64_IN(f.x[Kk] + t * H * K, H * K);
-            d.v = KLA_F64_IN(f.x[Vv] + t * HV * V, HV * V), d.g = KLA_F64_IN(f.x[G] + t * gw, gw);
-            d.eta = KLA_F64_IN(f.x[A] + t * HV, HV);
-            if (atk) {
-                d.g_atk = KLA_F64_IN(f.x[GATK] + t * H, H), d.beta_atk = KLA_F64_IN(f.x[BATK] + t * H, H);
-                d.log_atk_scale = KLA_F64_IN(f.x[LATK], H), d.astate = KLA_F64_OUT(astate, f.nat);
-            }
-            d.o = KLA_F64_OUT(o + t * HV * V, HV * V), d.state = KLA_F64_OUT(state, f.nst);
+            KlaTensors d = token(&f, t, atk, o);
+            if (atk) d.astate = KLA_F64_OUT(astate, f.nat);
+            d.state = KLA_F64_OUT(state, f.nst);
             KlaShape s1 = f.s;
             s1.T = 1;
             rc = kla_decode(ctx, &s1, &f.o, &d);
@@ -467,7 +466,7 @@ static void check_state_atk(KlaContext *ctx)
 {
     fam f;
     fam_make(&f, KLA_MODE_KLA, 1, 1, 1, 15, 2, 4, 3, 2, NULL, 0, 0);
-    const int64_t H = 2, HV = 4, K = 3, V = 2, T = 15, gw = HV * K;
+    const int64_t H = 2, HV = 4, K = 3, V = 2, T = 15;
     KlaState *ks = NULL;
     int rc = kla_state_new_atk(ctx, 1, H, HV, K, V, &ks);
     if (!rc) rc = kla_state_write(ks, KLA_F64_IN(f.x[H0], f.nst), KLA_LAYOUT_KV);
@@ -475,14 +474,7 @@ static void check_state_atk(KlaContext *ctx)
     double *o = calloc((size_t)f.no, sizeof(double)), *ht = calloc((size_t)f.nst, sizeof(double));
     double *at = calloc((size_t)f.nat, sizeof(double));
     for (int64_t t = 0; t < T && !rc; t++) {
-        KlaTensors d;
-        memset(&d, 0, sizeof d);
-        d.q = KLA_F64_IN(f.x[Q] + t * H * K, H * K), d.k = KLA_F64_IN(f.x[Kk] + t * H * K, H * K);
-        d.v = KLA_F64_IN(f.x[Vv] + t * HV * V, HV * V), d.g = KLA_F64_IN(f.x[G] + t * gw, gw);
-        d.eta = KLA_F64_IN(f.x[A] + t * HV, HV);
-        d.g_atk = KLA_F64_IN(f.x[GATK] + t * H, H), d.beta_atk = KLA_F64_IN(f.x[BATK] + t * H, H);
-        d.log_atk_scale = KLA_F64_IN(f.x[LATK], H);
-        d.o = KLA_F64_OUT(o + t * HV * V, HV * V);
+        KlaTensors d = token(&f, t, 1, o);
         KlaShape s1 = f.s;
         s1.T = 1;
         rc = kla_decode_state(ctx, &s1, &f.o, &d, ks);

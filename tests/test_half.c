@@ -18,19 +18,7 @@
 #include "half.h"
 #include "kla.h"
 
-static int n_test, n_fail;
-
-static void check(int ok, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    printf("%s %d - ", ok ? "ok" : "not ok", ++n_test);
-    vprintf(fmt, ap);
-    printf("\n");
-    va_end(ap);
-    if (!ok) n_fail++;
-    fflush(stdout);
-}
+#include "tap.h"
 
 /* ---- conversions ------------------------------------------------------------------------- */
 

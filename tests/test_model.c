@@ -14,19 +14,7 @@
 
 #include "kla.h"
 
-static int n_test, n_fail;
-
-static void check(int ok, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void check(int ok, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    printf("%s %d - ", ok ? "ok" : "not ok", ++n_test);
-    vprintf(fmt, ap);
-    printf("\n");
-    va_end(ap);
-    if (!ok) n_fail++;
-}
+#include "tap.h"
 
 static uint64_t rng = 20261204;
 static double unif(void)

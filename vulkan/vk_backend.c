@@ -1025,14 +1025,14 @@ static void ext_from(const kla_io *x, extb *e)
     };
     memset(e, 0, sizeof *e);
     for (size_t i = 0; i < sizeof m / sizeof m[0]; i++) {
-        if ((x->host_f16 | x->host_bf16) & m[i].bit) {
-            e->host16[m[i].bind] = 1, e->bf[m[i].bind] = !!(x->host_bf16 & m[i].bit);
-            continue;
-        }
-        if (!(x->resident & m[i].bit)) continue;
-        /* a 16-bit buffer: widened into (narrowed from) the binding's own float32 buffer */
-        if ((x->res_f16 | x->res_bf16) & m[i].bit) e->h16[m[i].bind] = m[i].p, e->bf[m[i].bind] = !!(x->res_bf16 & m[i].bit);
-        else e->ext[m[i].bind] = m[i].p;
+        const unsigned bit = m[i].bit;
+        const int half = ((x->f16 | x->bf16) & bit) != 0, res = (x->resident & bit) != 0;
+        e->bf[m[i].bind] = (x->bf16 & bit) != 0;
+        /* 16 bits: widened into (narrowed from) the binding's own float32 buffer, from the
+         * caller's buffer (h16) or from its host data through a 16-bit one (host16) */
+        if (half && res) e->h16[m[i].bind] = m[i].p;
+        else if (half) e->host16[m[i].bind] = 1;
+        else if (res) e->ext[m[i].bind] = m[i].p;
     }
 }
 
