@@ -5,29 +5,32 @@
 // rounded, bit for bit). One invocation per 32-bit word of the 16-bit side: with an odd
 // count the last word's upper half is read and written back unchanged.
 // Its own descriptor set (binding 0: 16-bit words, binding 1: float32) and push
-// constants, not common.glsl's.
+// constants, not common.glsl's. The float32 side is read and written as uint bits: a float
+// load or store may flush subnormals (NVIDIA's driver does), and bf16 has float32's
+// exponent range, so its subnormals are float32 subnormals.
 layout(local_size_x = 64) in;
 layout(std430, binding = 0) restrict buffer B16 { uint w16[]; };
-layout(std430, binding = 1) restrict buffer B32 { float f32[]; };
+layout(std430, binding = 1) restrict buffer B32 { uint f32[]; }; // float32 bits
 layout(push_constant) uniform PC {
     uint n;    // elements
     uint mode; // 0: f16 -> f32, 1: bf16 -> f32, 2: f32 -> f16, 3: f32 -> bf16
 } pc;
 
-float f16_to_f32(uint h)
+uint f16_to_f32(uint h) // float32 bits
 {
     const uint s = (h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
-    if (e == 0u) { // zero, subnormal: m 2^-24, exact in float32
-        const float v = float(m) * 5.9604644775390625e-8;
-        return s != 0u ? -v : v;
+    if (e == 0u) { // zero, subnormal: m 2^-24, a normal float32 (or zero), exact
+        if (m == 0u) return s;
+        const int p = findMSB(m); // m = 2^p (1 + f), value 2^(p-24) (1 + f)
+        return s | (uint(p + 103) << 23) | (((m << (23 - p)) & 0x7fffffu));
     }
-    if (e == 31u) return uintBitsToFloat(s | 0x7f800000u | (m << 13)); // Inf, NaN
-    return uintBitsToFloat(s | ((e + 112u) << 23) | (m << 13));
+    if (e == 31u) return s | 0x7f800000u | (m << 13); // Inf, NaN
+    return s | ((e + 112u) << 23) | (m << 13);
 }
 
-uint f32_to_f16(float f)
+uint f32_to_f16(uint x) // from float32 bits
 {
-    const uint x = floatBitsToUint(f), sign = (x >> 16) & 0x8000u, ax = x & 0x7fffffffu;
+    const uint sign = (x >> 16) & 0x8000u, ax = x & 0x7fffffffu;
     if (ax > 0x7f800000u) return sign | 0x7e00u;  // NaN
     if (ax >= 0x477ff000u) return sign | 0x7c00u; // >= 65520 (Inf included): Inf
     if (ax < 0x38800000u) {                       // below 2^-14: subnormal or zero
@@ -45,9 +48,8 @@ uint f32_to_f16(float f)
     return sign | q;
 }
 
-uint f32_to_bf16(float f)
+uint f32_to_bf16(uint x) // from float32 bits
 {
-    const uint x = floatBitsToUint(f);
     if ((x & 0x7fffffffu) > 0x7f800000u) return (x >> 16) | 0x40u; // NaN stays NaN
     return (x + 0x7fffu + ((x >> 16) & 1u)) >> 16;
 }
@@ -61,8 +63,8 @@ void main()
     if (pc.mode < 2u) {
         const uint v = w16[w];
         const bool bf = pc.mode == 1u;
-        f32[i] = bf ? uintBitsToFloat(v << 16) : f16_to_f32(v & 0xffffu);
-        if (two) f32[i + 1u] = bf ? uintBitsToFloat(v & 0xffff0000u) : f16_to_f32(v >> 16);
+        f32[i] = bf ? v << 16 : f16_to_f32(v & 0xffffu);
+        if (two) f32[i + 1u] = bf ? v & 0xffff0000u : f16_to_f32(v >> 16);
     } else {
         const bool bf = pc.mode == 3u;
         const uint lo = bf ? f32_to_bf16(f32[i]) : f32_to_f16(f32[i]);

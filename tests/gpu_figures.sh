@@ -7,6 +7,9 @@
 # rows) and, where PyTorch and flash-linear-attention import, tools/bench_fla.py on the
 # same shapes (docs/benchmarks.md records them). Each step's output goes to OUTDIR
 # (default .) as well as stdout; the exit status is 1 if any check failed.
+# Environment: TESTS=0 skips the test steps (figures only); TENSORS=host|resident|both
+# (default both) picks the bench rows; FLA_TIMEOUT (seconds, default 300) bounds each
+# bench_fla.py run (Triton compiles and autotunes on first use).
 B=${1:?usage: gpu_figures.sh BUILD [OUTDIR]}
 O=${2:-.}
 S=$(cd "$(dirname "$0")/.." && pwd)
@@ -19,40 +22,43 @@ step() { # step NAME CMD...: run, log, count failure
     tail -n 40 "$O/$name.txt"
     [ $rc -eq 0 ] || { echo "== $name FAILED (exit $rc)"; fail=1; }
 }
+TN=${TENSORS:-both}
 step info "$B/kla" info
-step test_vulkan "$B/tests/test_vulkan"
-step test_state "$B/tests/test_state"
-step test_buffer "$B/tests/test_buffer"
-step vulkan_app "$B/examples/vulkan_app"
-step vkcheck "$B/tests/vkcheck"
 PY=
 for p in /usr/bin/python3 python3 python; do # the first Python that has numpy
     if [ -z "$PY" ] && "$p" -c 'import numpy' 2>/dev/null; then PY=$p; fi
 done
-if [ -n "$PY" ]; then
-    step indep "$PY" "$S/tests/test_indep.py" --kla "$B/kla" --backends vulkan
-else
-    echo "== indep FAILED: no Python with numpy"; fail=1
+if [ "${TESTS:-1}" != 0 ]; then
+    step test_vulkan "$B/tests/test_vulkan"
+    step test_state "$B/tests/test_state"
+    step test_buffer "$B/tests/test_buffer"
+    step vulkan_app "$B/examples/vulkan_app"
+    step vkcheck "$B/tests/vkcheck"
+    if [ -n "$PY" ]; then
+        step indep "$PY" "$S/tests/test_indep.py" --kla "$B/kla" --backends vulkan
+    else
+        echo "== indep FAILED: no Python with numpy"; fail=1
+    fi
 fi
 for shape in "16 128 128" "12 96 192"; do
     set -- $shape
     for T in 4096 32768; do
         step "bench_T${T}_H$1_K$2_V$3" "$B/kla" bench --backend vulkan --T $T --H $1 --K $2 --V $3 \
-            --N 256 --reps 5 --op forward
+            --N 256 --reps 5 --op forward --tensors $TN
         step "bench_bf16_T${T}_H$1_K$2_V$3" "$B/kla" bench --backend vulkan --T $T --H $1 --K $2 --V $3 \
-            --N 256 --reps 5 --op forward --storage bf16
+            --N 256 --reps 5 --op forward --storage bf16 --tensors $TN
     done
     step "bench_fwdbwd_T32768_H$1_K$2_V$3" "$B/kla" bench --backend vulkan --T 32768 --H $1 --K $2 --V $3 \
-        --reps 3 --op backward
-    step "bench_decode_H$1_K$2_V$3" "$B/kla" bench --backend vulkan --H $1 --K $2 --V $3 --N 256 --reps 8 --op decode
-    step "bench_decode16_H$1_K$2_V$3" "$B/kla" bench --backend vulkan --H $1 --K $2 --V $3 --N 16 --reps 8 --op decode
+        --reps 3 --op backward --tensors $TN
+    step "bench_decode_H$1_K$2_V$3" "$B/kla" bench --backend vulkan --H $1 --K $2 --V $3 --N 256 --reps 8 --op decode --tensors $TN
+    step "bench_decode16_H$1_K$2_V$3" "$B/kla" bench --backend vulkan --H $1 --K $2 --V $3 --N 16 --reps 8 --op decode --tensors $TN
 done
 # fla on the same GPU, the same day (PYTHONPATH naming a copy of flash-linear-attention)
 if [ -n "$PY" ] && "$PY" -c 'import torch, fla' 2>/dev/null; then
     for shape in "16 128 128" "12 96 192"; do
         set -- $shape
         for T in 4096 32768; do
-            step "fla_T${T}_H$1_K$2_V$3" "$PY" "$S/tools/bench_fla.py" --T $T --H $1 --K $2 --V $3 --N 256 \
+            step "fla_T${T}_H$1_K$2_V$3" timeout "${FLA_TIMEOUT:-300}" "$PY" "$S/tools/bench_fla.py" --T $T --H $1 --K $2 --V $3 --N 256 \
                 --json "$O/fla_T${T}_H$1_K$2_V$3.json"
         done
     done

@@ -921,21 +921,35 @@ if "$KLA" info | grep -Eq '^ +simd +built, usable'; then
         "'$KLA' bench --backend simd $SMALL --ref-T 16 >b.json && '$PY' benchj.py b.json cpu"
 fi
 if "$KLA" info | grep -Eq '^ +vulkan +built, usable'; then
+    GS="$SMALL --warmup 0" # the GPU rows' time-based warm-up off: one untimed call each
     check "bench --backend vulkan: GPU and call time of every dispatch, host and resident, 1 pass" sh -c \
-        "'$KLA' bench --backend vulkan $SMALL >b.json && '$PY' benchj.py b.json gpu 1"
+        "'$KLA' bench --backend vulkan $GS >b.json && '$PY' benchj.py b.json gpu 1"
     check "bench --backend vulkan --storage bf16: resident rows widen and narrow on the GPU" sh -c \
-        "'$KLA' bench --backend vulkan $SMALL --storage bf16 --op forward >b.json && '$PY' -c \"
+        "'$KLA' bench --backend vulkan $GS --storage bf16 --op forward >b.json && '$PY' -c \"
 import json; d = json.load(open('b.json')); r = {x['op']: x for x in d['rows']}
 s = list(r['forward chunk, resident']['dispatch_ms_mean'])
 assert d['storage'] == 'bf16' and s[0].endswith('widen') and s[-1].endswith('narrow'), s
 assert not any('widen' in k for k in r['forward chunk, host']['dispatch_ms_mean'])\""
     usage_error "bench: --storage on a CPU backend is a usage error" bench --backend ref --storage bf16 $SMALL
     check "bench --backend vulkan: KLA_VULKAN_PASSES=02 is kept" sh -c \
-        "KLA_VULKAN_PASSES=02 '$KLA' bench --backend vulkan $SMALL >b.json && '$PY' benchj.py b.json gpu 2"
+        "KLA_VULKAN_PASSES=02 '$KLA' bench --backend vulkan $GS >b.json && '$PY' benchj.py b.json gpu 2"
     bad "bench: KLA_VULKAN_PASSES=0 is refused" 'KLA_VULKAN_PASSES=0: expected an integer in \[1, 16\]' \
-        env KLA_VULKAN_PASSES=0 "$KLA" bench --backend vulkan $SMALL
+        env KLA_VULKAN_PASSES=0 "$KLA" bench --backend vulkan $GS
+    check "bench --backend vulkan --tensors: only the rows asked for; --warmup: untimed calls before each row" sh -c \
+        "'$KLA' bench --backend vulkan $SMALL --warmup 0.2 --tensors resident >r.json &&
+         '$KLA' bench --backend vulkan $GS --tensors host >h.json && '$PY' -c \"
+import json
+r, h = json.load(open('r.json')), json.load(open('h.json'))
+ro, ho = [x['op'] for x in r['rows']], [x['op'] for x in h['rows']]
+assert ro and all(o.endswith('resident') for o in ro), ro
+assert ho and not any(o.endswith('resident') for o in ho) and any(o.endswith('KlaState') for o in ho), ho
+assert r['warmup_s'] == 0.2 and all(x['warmup_calls'] >= 2 for x in r['rows']), r['rows']
+assert h['warmup_s'] == 0 and all(x['warmup_calls'] == 1 for x in h['rows']), h['rows']\""
+    usage_error "bench: --tensors with a bad value is a usage error" bench --backend vulkan --tensors gpu $GS
+    usage_error "bench: --warmup below 0 is a usage error" bench --backend vulkan --warmup -1 $SMALL
+    usage_error "bench: --warmup on a CPU backend is a usage error" bench --backend ref --warmup 1 $SMALL
     # driver statistics where the device has them, else one line saying it has not
-    if KLA_VULKAN_PIPELINE_STATS=1 "$KLA" bench --backend vulkan $SMALL --op forward >out.txt 2>err.txt &&
+    if KLA_VULKAN_PIPELINE_STATS=1 "$KLA" bench --backend vulkan $GS --op forward >out.txt 2>err.txt &&
         grep -Eq 'pipeline chunk_prep .*:|has no VK_KHR_pipeline_executable_properties' err.txt; then
         ok "bench: KLA_VULKAN_PIPELINE_STATS=1"; else nok "bench: KLA_VULKAN_PIPELINE_STATS=1"; fi
 fi

@@ -49,7 +49,9 @@ typedef struct bopt {
     long vocab, d_model, n_layer, d_ff; /* --op train */
     int gdn, scaling;
     KlaDtype storage; /* --storage: the resident rows' tensors (states stay F32) */
-    unsigned set; /* which of --T --B --H --K --V --reps were given */
+    double warmup;    /* --warmup: seconds of untimed calls before each GPU row */
+    int where;        /* --tensors: 1 host rows, 2 resident rows, 3 both */
+    unsigned set; /* which of --T --B --H --K --V --reps were given (1 2 4 8 16 32), 64: a GPU-only option */
 } bopt;
 
 static double now(void)
@@ -309,7 +311,7 @@ static int cmpd(const void *a, const void *b)
 
 typedef struct gfig {
     double gpu_med, gpu_min, wall_med, split[16], each[64];
-    long n;
+    long n, warm; /* timed calls, untimed warm-up calls */
     const char *name[16];
     int nsplit, ok;
 } gfig;
@@ -317,6 +319,7 @@ typedef struct gfig {
 /* Every tensor of t as a KlaBuffer holding its host contents (outputs too: the decode
  * state is read); bufs[] receives them for freeing. */
 static KlaDtype g_storage = KLA_F32; /* --storage */
+static double g_warmup = 1.0;         /* --warmup */
 
 static int to_buffers(KlaContext *ctx, KlaTensors *t, KlaBuffer **bufs, int *nb)
 {
@@ -374,7 +377,13 @@ static gfig gpu_time_op(KlaContext *ctx, prob *P, int op, int algo, long chunk, 
     }
     if (reps > 64) reps = 64;
     double wall[64], gpu[64];
-    for (long r = -1; r < reps; r++) { /* r = -1: warm-up (pipelines, buffers), untimed */
+    /* r = -1: warm-up (pipelines, buffers), untimed, repeated for g_warmup seconds: a GPU
+     * raises its clock only under sustained load (an H200 idles at 345 MHz and needs a
+     * fraction of a second of back-to-back work to reach ~1980 MHz), counted from the end
+     * of the first call (which compiles pipelines) */
+    double tw = 0;
+    for (long r = -1; r < reps; r++) {
+        if (r == 0 && now() - tw < g_warmup) r = -1;
         const double t0 = now();
         const int e = op == 0 ? kla_forward(ctx, &P->s, &o, &t)
                     : op == 1 ? kla_backward(ctx, &P->s, &o, &t)
@@ -386,7 +395,10 @@ static gfig gpu_time_op(KlaContext *ctx, prob *P, int op, int algo, long chunk, 
             for (int i = 0; i < nb; i++) kla_buffer_free(&bufs[i]);
             return f;
         }
-        if (r < 0) continue;
+        if (r < 0) {
+            if (!f.warm++) tw = now();
+            continue;
+        }
         double ms[17];
         const char *nm[17];
         const int n = kla_gpu_time(ctx, ms, nm, 17);
@@ -415,6 +427,7 @@ static int gpu_row(const char *what, const gfig *f, int json, int *first)
         jnum("gpu_ms_median", f->ok ? f->gpu_med : NAN), jnum("gpu_ms_min", f->ok ? f->gpu_min : NAN);
         jnum("call_ms_median", f->ok ? f->wall_med : NAN);
         jnum("call_over_gpu", f->ok ? f->wall_med / f->gpu_med : NAN);
+        printf(", \"warmup_calls\": %ld", f->ok ? f->warm : 0L);
         printf(", \"gpu_ms_each\": [");
         for (long i = 0; f->ok && i < f->n; i++) printf("%s%.6g", i ? ", " : "", f->each[i]);
         printf("]");
@@ -446,8 +459,8 @@ static int bench_gpu(KlaContext *ctx, const bopt *b, int do_fwd, int do_bwd, int
     const int passes = (int)strtol(getenv("KLA_VULKAN_PASSES"), NULL, 10);
     if (b->json)
         printf("{\"backend\": \"%s\", \"B\": %ld, \"T\": %ld, \"H\": %ld, \"K\": %ld, \"V\": %ld, "
-               "\"N\": %ld, \"chunk\": %ld, \"reps\": %ld, \"passes\": %d, \"storage\": \"%s\", \"rows\": [",
-               kla_backend_name(ctx), b->B, b->T, b->H, b->K, b->V, b->N, b->chunk, b->reps, passes,
+               "\"N\": %ld, \"chunk\": %ld, \"reps\": %ld, \"passes\": %d, \"warmup_s\": %g, \"storage\": \"%s\", \"rows\": [",
+               kla_backend_name(ctx), b->B, b->T, b->H, b->K, b->V, b->N, b->chunk, b->reps, passes, b->warmup,
                b->storage == KLA_BF16 ? "bf16" : b->storage == KLA_F16 ? "f16" : "f32");
     else {
         char desc[200];
@@ -466,6 +479,7 @@ static int bench_gpu(KlaContext *ctx, const bopt *b, int do_fwd, int do_bwd, int
     static const char *const where[2] = { "host", "resident" };
     char w[96];
     for (int res = 0; res < 2 && do_fwd; res++) {
+        if (!(b->where & (1 << res))) continue;
         progress("forward chunk, %s", where[res]);
         gfig f = gpu_time_op(ctx, &P, 0, KLA_ALGO_CHUNK, b->chunk, b->reps, NULL, res);
         snprintf(w, sizeof w, "forward chunk, %s", where[res]);
@@ -476,6 +490,7 @@ static int bench_gpu(KlaContext *ctx, const bopt *b, int do_fwd, int do_bwd, int
         fails += gpu_row(w, &f, b->json, &first);
     }
     for (int res = 0; res < 2 && do_bwd; res++) {
+        if (!(b->where & (1 << res))) continue;
         progress("forward+backward, %s", where[res]);
         gfig f = gpu_time_op(ctx, &P, 1, b->algo, b->chunk, b->reps, NULL, res);
         snprintf(w, sizeof w, "forward+backward %s, %s", b->algo == KLA_ALGO_RECURRENT ? "recurrent" : "chunk",
@@ -492,6 +507,7 @@ static int bench_gpu(KlaContext *ctx, const bopt *b, int do_fwd, int do_bwd, int
             float *state = rnd(Ns[i] * b->H * b->K * b->V, -0.01f, 0.01f);
             for (int op = 2; op <= 4; op++) {
                 /* host state; KlaState (token tensors from the host); all resident */
+                if (!(b->where & (op == 4 ? 2 : 1))) continue;
                 gfig f = gpu_time_op(ctx, &D, op == 4 ? 2 : op, KLA_ALGO_AUTO, b->chunk, b->reps * 4 + 1, state,
                                      op == 4);
                 snprintf(w, sizeof w, "decode, %ld sequence%s, %s", Ns[i], Ns[i] == 1 ? "" : "s",
@@ -577,7 +593,7 @@ static int usage(const char *msg)
             "usage: kla bench [--backend B] [--T n] [--B n] [--H n] [--K n] [--V n] [--N n]\n"
             "                 [--threads n] [--algo auto|recurrent|chunk] [--chunk C] [--reps n]\n"
             "                 [--cpu MASK] [--ref-T n] [--op all|forward|backward|decode] [--json]\n"
-            "                 [--storage f32|bf16|f16]\n"
+            "                 [--storage f32|bf16|f16] [--tensors host|resident|both] [--warmup S]\n"
             "       kla bench --in FILE [--backend B] [--threads n] [--algo A] [--chunk C] [--reps n]\n"
             "                 [--cpu MASK] [--op forward|backward]\n"
             "  forward/backward on B x T tokens of H heads (K, V), decode of 1 and N sequences.\n"
@@ -590,13 +606,17 @@ static int usage(const char *msg)
             "  --cpu MASK   allowed CPU levels: a number (1 AVX2+FMA, 2 AVX-512, 4 NEON, 0 plain C)\n"
             "               or names joined by ',' (avx2, avx512, neon, none)\n"
             "  --ref-T n    T for the ratio to the ref backend (default min(T, 256))\n"
-            "  --storage D  GPU: the resident rows' tensors in D (states stay f32)\n");
+            "  --storage D  GPU: the resident rows' tensors in D (states stay f32)\n"
+            "  --tensors W  GPU: rows with tensors in host memory, resident (KlaBuffers), or both\n"
+            "               (default; decode's KlaState rows count as host)\n"
+            "  --warmup S   GPU: untimed calls for S seconds before each row's timed calls, so the\n"
+            "               clock is up (default 1; 0: one untimed call)\n");
     return 2;
 }
 
 int kla_bench_main(int argc, char **argv)
 {
-    bopt b = { "simd", "all", NULL, 4096, 1, 16, 128, 128, 16, 5, 0, 64, 0, KLA_ALGO_AUTO, 0, KLA_CPU_ALL, 0, 0, 0, 0, 0, 0, KLA_F32, 0 };
+    bopt b = { "simd", "all", NULL, 4096, 1, 16, 128, 128, 16, 5, 0, 64, 0, KLA_ALGO_AUTO, 0, KLA_CPU_ALL, 0, 0, 0, 0, 0, 0, KLA_F32, 1.0, 3, 0 };
     if (kla_backend_available("simd") != 1) b.backend = NULL;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -635,6 +655,16 @@ int kla_bench_main(int argc, char **argv)
             else if (!strcmp(v, "bf16")) b.storage = KLA_BF16;
             else if (!strcmp(v, "f16")) b.storage = KLA_F16;
             else return usage("bad --storage: f32, bf16 or f16");
+        } else if (!strcmp(a, "--tensors")) {
+            b.set |= 64u; /* GPU-only options given */
+            if (!strcmp(v, "host")) b.where = 1;
+            else if (!strcmp(v, "resident")) b.where = 2;
+            else if (!strcmp(v, "both")) b.where = 3;
+            else return usage("bad --tensors: host, resident or both");
+        } else if (!strcmp(a, "--warmup")) {
+            b.set |= 64u;
+            b.warmup = strtod(v, &end);
+            if (*end || !(b.warmup >= 0 && b.warmup <= 600)) return usage("bad --warmup: seconds, 0 to 600");
         } else if (!strcmp(a, "--backend")) {
             b.backend = v;
         } else if (!strcmp(a, "--op")) {
@@ -683,8 +713,9 @@ int kla_bench_main(int argc, char **argv)
     if (nthreads == 0) nthreads = 1;
 #endif
     const int gpu = b.backend && !strcmp(b.backend, "vulkan");
-    g_storage = b.storage;
+    g_storage = b.storage, g_warmup = b.warmup;
     if (b.storage != KLA_F32 && !gpu) return usage("--storage is for --backend vulkan");
+    if ((b.set & 64u) && !gpu) return usage("--tensors and --warmup are for --backend vulkan");
     if (gpu) setenv("KLA_VULKAN_PASSES", "1", 0); /* see the top of the file; the user's value stands */
     KlaContext *ctx = open_ctx(b.backend, b.threads, b.cpu);
     if (!ctx) return 1;

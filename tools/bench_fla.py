@@ -58,9 +58,13 @@ def timer_cpu():
     return timed
 
 
-def measure(timed, fn, reps):
-    for _ in range(3):
-        fn()
+def measure(timed, fn, reps, warmup=0.0):
+    # untimed calls (at least 3) for `warmup` seconds first, as kla bench --warmup: the GPU
+    # raises its clock only under sustained load
+    t0, n = time.perf_counter(), 0
+    while n < 3 or time.perf_counter() - t0 < warmup:
+        timed(fn)
+        n += 1
     gpu, wall = [], []
     for _ in range(reps):
         g, w = timed(fn)
@@ -94,7 +98,7 @@ def run(a, torch, chunk, fused, device, timed, report):
 
         row = {"op": "forward chunk, %s inputs" % dt_name}
         try:
-            row.update(measure(timed, fwd, a.reps))
+            row.update(measure(timed, fwd, a.reps, a.warmup))
         except Exception as e:  # noqa: BLE001  (reported, the next row still runs)
             row["error"] = "%s: %s" % (type(e).__name__, str(e).splitlines()[0] if str(e) else "")
         rows.append(row)
@@ -110,7 +114,7 @@ def run(a, torch, chunk, fused, device, timed, report):
 
         row = {"op": "forward+backward chunk, %s inputs" % dt_name}
         try:
-            row.update(measure(timed, fwdbwd, max(3, a.reps // 2)))
+            row.update(measure(timed, fwdbwd, max(3, a.reps // 2), a.warmup))
         except Exception as e:  # noqa: BLE001
             row["error"] = "%s: %s" % (type(e).__name__, str(e).splitlines()[0] if str(e) else "")
         rows.append(row)
@@ -125,7 +129,7 @@ def run(a, torch, chunk, fused, device, timed, report):
 
     row = {"op": "decode, %d sequences" % N}
     try:
-        row.update(measure(timed, dec, a.reps * 4))
+        row.update(measure(timed, dec, a.reps * 4, a.warmup))
     except Exception as e:  # noqa: BLE001
         row["error"] = "%s: %s" % (type(e).__name__, str(e).splitlines()[0] if str(e) else "")
     rows.append(row)
@@ -141,11 +145,14 @@ def main(argv=None):
     ap.add_argument("--V", type=int, default=128)
     ap.add_argument("--N", type=int, default=256)
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--warmup", type=float, default=1.0, help="seconds of untimed calls before each row")
     ap.add_argument("--json")
     ap.add_argument("--selftest", action="store_true")
     a = ap.parse_args(argv)
     if min(a.T, a.H, a.K, a.V, a.N, a.reps) < 1:
         ap.error("sizes and --reps must be >= 1")
+    if not 0 <= a.warmup <= 600:
+        ap.error("--warmup: seconds, 0 to 600")
     try:
         import torch
     except ImportError:
@@ -157,7 +164,7 @@ def main(argv=None):
     if a.selftest:
         sys.path.insert(0, os.path.join(HERE, "..", "python"))
         import kla.torch as kt
-        a.T, a.H, a.K, a.V, a.N, a.reps = 40, 2, 8, 8, 3, 2
+        a.T, a.H, a.K, a.V, a.N, a.reps, a.warmup = 40, 2, 8, 8, 3, 2, 0.0
         chunk, fused, device, timed, what = kt.chunk_gated_delta_rule, kt.fused_recurrent_gated_delta_rule, \
             "cpu", timer_cpu(), "selftest: kla.torch in place of fla, CPU"
     else:
