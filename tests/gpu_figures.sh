@@ -9,7 +9,8 @@
 # (default .) as well as stdout; the exit status is 1 if any check failed.
 # Environment: TESTS=0 skips the test steps (figures only); TENSORS=host|resident|both
 # (default both) picks the bench rows; FLA_TIMEOUT (seconds, default 300) bounds each
-# bench_fla.py run (Triton compiles and autotunes on first use).
+# bench_fla.py run (Triton compiles and autotunes on first use); FLA_ARGS adds options to
+# it (--bypass-hopper-guard: time fla's backward where its Triton check refuses it).
 B=${1:?usage: gpu_figures.sh BUILD [OUTDIR]}
 O=${2:-.}
 S=$(cd "$(dirname "$0")/.." && pwd)
@@ -59,7 +60,7 @@ if [ -n "$PY" ] && "$PY" -c 'import torch, fla' 2>/dev/null; then
         set -- $shape
         for T in 4096 32768; do
             step "fla_T${T}_H$1_K$2_V$3" timeout "${FLA_TIMEOUT:-300}" "$PY" "$S/tools/bench_fla.py" --T $T --H $1 --K $2 --V $3 --N 256 \
-                --json "$O/fla_T${T}_H$1_K$2_V$3.json"
+                --json "$O/fla_T${T}_H$1_K$2_V$3.json" ${FLA_ARGS:-}
         done
     done
 else
