@@ -5,9 +5,10 @@
 // rounded, bit for bit). One invocation per 32-bit word of the 16-bit side: with an odd
 // count the last word's upper half is read and written back unchanged.
 // Its own descriptor set (binding 0: 16-bit words, binding 1: float32) and push
-// constants, not common.glsl's. The float32 side is read and written as uint bits: a float
-// load or store may flush subnormals (NVIDIA's driver does), and bf16 has float32's
-// exponent range, so its subnormals are float32 subnormals.
+// constants, not common.glsl's. The float32 side is read and written as uint bits: Vulkan
+// leaves float32 subnormal handling to the implementation (NVIDIA's flushes them to zero
+// in arithmetic), bf16 has float32's exponent range so its subnormals are float32
+// subnormals, and moving bits keeps them whatever the device does with floats.
 layout(local_size_x = 64) in;
 layout(std430, binding = 0) restrict buffer B16 { uint w16[]; };
 layout(std430, binding = 1) restrict buffer B32 { uint f32[]; }; // float32 bits

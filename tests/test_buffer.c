@@ -12,6 +12,7 @@
  * a buffer of another context, an output that is also an input, cu_seqlens or a VK-layout
  * state in device memory, a dtype the backend does not keep.
  */
+#include <float.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -232,6 +233,7 @@ static float wide16(uint16_t h, int bf)
  * o 16-bit, against the host's rounding (kla_buffer_write converts on the host). */
 static void check_conversions(KlaContext *ctx, const char *be)
 {
+    const int dev = !strcmp(be, "vulkan");
     enum { NSQ = 128, VW = 1024 };
     const int64_t n = (int64_t)NSQ * VW;
     const KlaShape s = { .B = NSQ, .T = 1, .H = 1, .HV = 1, .K = 1, .V = VW };
@@ -267,25 +269,41 @@ static void check_conversions(KlaContext *ctx, const char *be)
                              .g = KLA_F32_IN(zero, NSQ), .beta = KLA_F32_IN(one, NSQ), .o = KLA_BUF_OUT(bo),
                              .state = KLA_BUF_OUT(st) };
             if (!r) r = kla_decode(ctx, &s, &opt, &t);
-            int bad = 0;
+            /* The decode is an identity in exact arithmetic, but Vulkan leaves float32
+             * subnormals to the implementation and NVIDIA's flushes them to zero in the
+             * kernel's arithmetic (the converters move bits and keep them): a subnormal
+             * that came out as zero is counted apart, never as a difference. */
+            int bad = 0, flushed = 0;
             if (!pass) {
                 if (!r) r = kla_buffer_read(bo, KLA_F32_OUT(o, n));
                 if (!r) r = kla_buffer_read(bv, KLA_F32_OUT(v, n)); /* widened by the host */
-                for (int64_t i = 0; i < n && !r; i++) bad += memcmp(&o[i], &v[i], 4) != 0;
+                for (int64_t i = 0; i < n && !r; i++) {
+                    const int sub = v[i] != 0 && fabsf(v[i]) < FLT_MIN;
+                    if (memcmp(&o[i], &v[i], 4) == 0) continue;
+                    if (dev && sub && o[i] == 0) flushed++;
+                    else bad++;
+                }
             } else {
                 KlaBuffer *hb = NULL; /* the host's rounding: a write into a 16-bit buffer */
                 if (!r) r = kla_buffer_new(ctx, dt, n, &hb);
                 if (!r) r = kla_buffer_write(hb, KLA_F32_IN(v, n));
                 if (!r) r = kla_buffer_read(hb, KLA_OUT(want, dt, n));
                 if (!r) r = kla_buffer_read(bo, KLA_OUT(bits, dt, n));
-                for (int64_t i = 0; i < n && !r; i++) bad += bits[i] != want[i];
+                for (int64_t i = 0; i < n && !r; i++) {
+                    if (bits[i] == want[i]) continue;
+                    if (dev && v[i] != 0 && fabsf(v[i]) < FLT_MIN && (bits[i] & 0x7fff) == 0) flushed++;
+                    else bad++;
+                }
                 kla_buffer_free(&hb);
             }
             char what[160], msg[600];
             if (pass) snprintf(what, sizeof what, "float32 -> %s at every halfway point (and either side, "
                                "overflow), as the host rounds", dn);
             else snprintf(what, sizeof what, "%s -> float32 of every finite %s value, exact", dn, dn);
-            snprintf(msg, sizeof msg, "rc %d, %d differ %s", r, bad, r ? kla_error_detail(ctx) : "");
+            snprintf(msg, sizeof msg, "rc %d, %d differ%s %s", r, bad,
+                     flushed ? " (and float32 subnormals flushed to zero by the device's arithmetic)" : "",
+                     r ? kla_error_detail(ctx) : "");
+            if (flushed) printf("# %s: %d float32 subnormal values flushed to zero by the decode kernel\n", be, flushed);
             ok(!r && !bad, be, what, msg);
             kla_buffer_free(&bv), kla_buffer_free(&bo), kla_buffer_free(&st);
         }
