@@ -126,8 +126,15 @@ def run(args, tmp):
         if f and key in head:
             want = f"{100 * finals[name]['acc'][f[1]]:.2f}"
             bad += [] if c[head.index(key)] == want else [f"{c[0]} {c[1]}: {c[head.index(key)]} != {want}"]
+    steps = {c[0]: c[head.index("seed 2" if c[0] == "KLA" else "seed 42")] for c in cells[1:]
+             if c[1] == "steps (best)" and "seed 2" in head and "seed 42" in head}
+    for m, name in (("KLA", "kla2"), ("GDN", "gdn")):
+        with open(logs[name]) as f:
+            last = max(json.loads(ln)["step"] for ln in f if '"loss"' in ln)
+        want = f"{last} ({finals[name]['best_step']})"
+        bad += [] if steps.get(m) == want else [f"{m} steps (best): {steps.get(m)} != {want}"]
     paper_ok = "paper" in head and any(c[0] == "KLA" and c[head.index("paper")] == "98.35" for c in cells[1:])
-    check(not bad and paper_ok and len(head) > 3, "the table: each seed's accuracy as in its log, the paper's",
+    check(not bad and paper_ok and len(head) > 3, "the table: each seed's accuracy, steps and best step as in its log, the paper's",
           bad)
     try:
         with open(table_md, encoding="utf-8") as f:

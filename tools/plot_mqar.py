@@ -343,12 +343,18 @@ def table(runs, args):
             if args.paper:
                 row.append(f"{PAPER[m][f]:.2f}" if f in PAPER.get(m, {}) else "")
             rows.append(row)
+        # how long each run trained and where its best checkpoint was: a run that early
+        # stopping ended on the chance plateau shows as a short run with an early best
+        row = [NAMES.get(m, m), "steps (best)"] + [f"{max(rs[s].losses)} ({rs[s].best})" if s in rs and rs[s].losses
+                                                    else "" for s in seeds]
+        rows.append(row + ["", "", ""] + ([""] if args.paper else []))
     wid = [max(len(x) for x in col) for col in zip(head, *rows)]
     line = lambda cells: "| " + " | ".join(c.ljust(w) if i < 2 else c.rjust(w)
                                           for i, (c, w) in enumerate(zip(cells, wid))) + " |"
     rule = "|" + "|".join("-" * (w + 1) + ":" if i >= 2 else "-" * (w + 2) for i, w in enumerate(wid)) + "|"
     note = ("\nAccuracy (%) of each run's best validation checkpoint, by evaluation length (training length "
-            f"{args.train_len}); std: sample standard deviation over seeds"
+            f"{args.train_len}); steps (best): the steps a run trained and the step of its best checkpoint; "
+            "std: sample standard deviation over seeds"
             + ("; paper: the KLA paper's MQAR table, one seed" if args.paper else "") + ".\n")
     return "\n".join([line(head), rule] + [line(r) for r in rows]) + "\n" + note
 
