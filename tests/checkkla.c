@@ -18,25 +18,12 @@
 #include <time.h>
 
 #include "kla.h"
+#include "tap.h"
 
 #define GUARD 64
 #define GUARD_BITS 0x7fc0deadu
 
-static int ntest, nfail, verbose;
-
-static void tap(int ok, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-#include <stdarg.h>
-static void tap(int ok, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    printf("%s %d - ", ok ? "ok" : "not ok", ++ntest);
-    vprintf(fmt, ap);
-    printf("\n");
-    fflush(stdout);
-    va_end(ap);
-    if (!ok) nfail++;
-}
+static int verbose;
 
 /* ---- random numbers (splitmix64) ---------------------------------------------------- */
 static uint64_t rng;
@@ -236,7 +223,7 @@ static void check_case(const tcase *c, const level *lv, int nlv)
     data d;
     make(c, &d);
     if (run_ref64(c, &d) < 0) {
-        tap(0, "%s: ref64 failed", c->name);
+        check(0, "%s: ref64 failed", c->name);
         return;
     }
     const struct { const char *name; int algo, backward; } kernels[] = {
@@ -261,7 +248,7 @@ static void check_case(const tcase *c, const level *lv, int nlv)
                 if (e / tol > worst) worst = e / tol, worst_name = yname[i];
                 if (verbose) fprintf(stderr, "# %s %s %s %s rel_rmse %.3g\n", c->name, lv[l].name, kernels[kk].name, yname[i], e);
             }
-            tap(ok && guards, "%s %s %s (worst %s at %.2f of tolerance%s)", c->name, lv[l].name,
+            check(ok && guards, "%s %s %s (worst %s at %.2f of tolerance%s)", c->name, lv[l].name,
                 kernels[kk].name, worst_name, worst, guards ? "" : ", GUARD OVERWRITTEN");
             /* thread-count invariance: 1 and 3 threads bit-identical to 2 */
             int same = r == 0;
@@ -271,7 +258,7 @@ static void check_case(const tcase *c, const level *lv, int nlv)
                     if (wanted(c, i) && memcmp(y[i], y2[i], (size_t)d.ny[i] * sizeof(float))) same = 0;
                 yfree(y2);
             }
-            tap(same, "%s %s %s: 1, 2, 3 threads bit-identical", c->name, lv[l].name, kernels[kk].name);
+            check(same, "%s %s %s: 1, 2, 3 threads bit-identical", c->name, lv[l].name, kernels[kk].name);
             yfree(y);
         }
     for (int i = 0; i < NX; i++) free(d.x[i]);
@@ -319,8 +306,8 @@ static void check_decode(const tcase *c, const level *lv, int nlv)
             for (int th = 1; th <= 3; th += 2)
                 same &= !memcmp(o[th], o[2], (size_t)d.ny[Y_O] * 4) && !memcmp(st[th], st[2], (size_t)nst * 4);
         }
-        tap(ok, "%s %s decode (o %.2g, state %.2g)", c->name, lv[l].name, eo, es);
-        tap(ok && same, "%s %s decode: 1, 2, 3 threads bit-identical", c->name, lv[l].name);
+        check(ok, "%s %s decode (o %.2g, state %.2g)", c->name, lv[l].name, eo, es);
+        check(ok && same, "%s %s decode: 1, 2, 3 threads bit-identical", c->name, lv[l].name);
         for (int th = 1; th <= 3; th++) gfree(st[th]), gfree(o[th]);
     }
     free(sref), free(oref);
@@ -343,7 +330,7 @@ static void check_env(const tcase *c, const level *lv, int nlv)
         unsetenv("KLA_CPU_MASK");
         for (int i = 0; ok && i < 2; i++)
             if (wanted(c, i) && memcmp(y[i], y2[i], (size_t)d.ny[i] * sizeof(float))) ok = 0;
-        tap(ok, "KLA_CPU_MASK=%s gives the %s level's bits", m, lv[l].name);
+        check(ok, "KLA_CPU_MASK=%s gives the %s level's bits", m, lv[l].name);
         yfree(y), yfree(y2);
     }
     for (int i = 0; i < NX; i++) free(d.x[i]);
@@ -461,5 +448,5 @@ int main(int argc, char **argv)
     for (int i = 0; i < ndc; i++) check_decode(&dcases[i], lv, nlv);
     check_env(&cases[0], lv, nlv);
     if (do_bench) bench(lv, nlv);
-    return nfail ? 1 : 0;
+    return n_fail ? 1 : 0;
 }

@@ -947,6 +947,7 @@ assert r['warmup_s'] == 0.2 and all(x['warmup_calls'] >= 2 for x in r['rows']), 
 assert h['warmup_s'] == 0 and all(x['warmup_calls'] == 1 for x in h['rows']), h['rows']\""
     usage_error "bench: --tensors with a bad value is a usage error" bench --backend vulkan --tensors gpu $GS
     usage_error "bench: --warmup below 0 is a usage error" bench --backend vulkan --warmup -1 $SMALL
+    usage_error "bench: an empty --warmup is a usage error" bench --backend vulkan --warmup '' $SMALL
     usage_error "bench: --warmup on a CPU backend is a usage error" bench --backend ref --warmup 1 $SMALL
     # driver statistics where the device has them, else one line saying it has not
     if KLA_VULKAN_PIPELINE_STATS=1 "$KLA" bench --backend vulkan $GS --op forward >out.txt 2>err.txt &&

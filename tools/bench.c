@@ -664,7 +664,7 @@ int kla_bench_main(int argc, char **argv)
         } else if (!strcmp(a, "--warmup")) {
             b.set |= 64u;
             b.warmup = strtod(v, &end);
-            if (*end || !(b.warmup >= 0 && b.warmup <= 600)) return usage("bad --warmup: seconds, 0 to 600");
+            if (end == v || *end || !(b.warmup >= 0 && b.warmup <= 600)) return usage("bad --warmup: seconds, 0 to 600");
         } else if (!strcmp(a, "--backend")) {
             b.backend = v;
         } else if (!strcmp(a, "--op")) {
